@@ -1,0 +1,63 @@
+"""The ``molf-jax export`` subcommand: a finished run as an HF folder and a PEFT adapter.
+
+Example::
+
+    molf-jax export runs/molfe --dtype bfloat16
+
+writes ``runs/molfe/merged/`` (experts folded into the kernels; loads with
+``AutoModelForCausalLM``) and, for ``lora`` and ``molfe`` runs whose base stayed frozen,
+``runs/molfe/adapter/`` (``PeftModel.from_pretrained(base, "runs/molfe/adapter")``; MoLF-E's
+experts folded into one adapter of rank r1 + r2). ``fft`` and ``molf`` runs change the base
+kernels, which an adapter cannot carry: they get the merged folder only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from molf_jax.train.export import EXPORT_DTYPES
+
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds the ``export`` subcommand (``func=main``) to a CLI's subparsers.
+
+    Example:
+      >>> parser = argparse.ArgumentParser()
+      >>> _ = register(parser.add_subparsers(dest="command"))
+      >>> parser.parse_args(["export", "runs/lora", "--dtype", "bfloat16"]).dtype
+      'bfloat16'
+    """
+    p = subparsers.add_parser(
+        "export", help="write a run's merged HF folder and (lora, molfe) its PEFT adapter")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'molf-jax train'")
+    p.add_argument("--merged", default=None, metavar="DIR",
+                   help="merged HF folder (default RUN_DIR/merged)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="PEFT adapter folder (default RUN_DIR/adapter for lora and molfe runs; "
+                        "asking for it on a run that trained the base is an error)")
+    p.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
+                   help="storage dtype (default: the run's parameter dtype)")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    """Exports ``args.run_dir``; prints what was written; returns the exit status.
+
+    Errors (no run there, an adapter asked of a run that trained its base) raise
+    FileNotFoundError / ValueError, which the ``molf-jax`` entry point prints as one message.
+    """
+    from molf_jax.train import export_artifacts, load_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run_config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no run_config.json)")
+    written, note = export_artifacts(load_run(run_dir), run_dir, merged_dir=args.merged,
+                                     adapter_dir=args.adapter, dtype=args.dtype)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    if note:
+        print(f"no adapter: {note}")
+    return 0

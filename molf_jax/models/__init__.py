@@ -1,0 +1,45 @@
+"""Flax ports of the Qwen2 and Gemma 3 text decoders, loadable from HF checkpoints.
+
+Parameter paths read like HF module names (``layers/3/mlp/up_proj/kernel``); see DESIGN.md's
+shared contract.
+
+Example:
+  >>> from molf_jax import models
+  >>> config = models.preset("qwen2.5-0.5b")
+  >>> model = models.build_model(config, scan_layers=True)
+"""
+
+# Entry points
+from molf_jax.models.registry import (
+    FAMILIES,
+    Family,
+    abstract_params,
+    build_model,
+    family_of,
+    init_params,
+    load_config,
+    output_kernel,
+    preset,
+)
+
+# Configs and the model
+from molf_jax.models.transformer import CausalLM, DecoderConfig, init_cache
+from molf_jax.models.qwen2 import Qwen2Config
+from molf_jax.models.gemma3 import Gemma3Config
+
+__all__ = [
+    "FAMILIES",
+    "CausalLM",
+    "DecoderConfig",
+    "Family",
+    "Gemma3Config",
+    "Qwen2Config",
+    "abstract_params",
+    "build_model",
+    "family_of",
+    "init_cache",
+    "init_params",
+    "load_config",
+    "output_kernel",
+    "preset",
+]

@@ -1,0 +1,47 @@
+"""Training: the pure step, the four modes, mesh sharding, orbax checkpoints, the run loop.
+
+Example:
+  >>> from molf_jax.train import TrainConfig, train
+  >>> summary = train(TrainConfig(mode="molf", model="default", steps=20))   # doctest: +SKIP
+"""
+
+# Configuration and the run.
+from molf_jax.train.config import ConfigError, TrainConfig
+from molf_jax.train.loop import NonFiniteLossError, RunSummary, train
+from molf_jax.train.export import RunArtifacts, adapter_refusal, export_artifacts, load_run
+from molf_jax.train.checkpoint import ResumeError, RunCheckpointer
+
+# Building blocks for custom loops.
+from molf_jax.train.step import find_route_state, make_train_step
+from molf_jax.train.loss import next_token_loss_sum
+from molf_jax.train.modes import build_optimizer, is_trainable, lora_spec, make_schedule
+from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding, shard_params
+from molf_jax.train.trees import count_params, join_trees, split_tree
+
+__all__ = [
+    "ConfigError",
+    "NonFiniteLossError",
+    "ResumeError",
+    "RunArtifacts",
+    "RunCheckpointer",
+    "RunSummary",
+    "TrainConfig",
+    "batch_sharding",
+    "build_optimizer",
+    "count_params",
+    "adapter_refusal",
+    "export_artifacts",
+    "find_route_state",
+    "is_trainable",
+    "join_trees",
+    "load_run",
+    "lora_spec",
+    "make_mesh",
+    "make_schedule",
+    "make_train_step",
+    "next_token_loss_sum",
+    "param_sharding",
+    "shard_params",
+    "split_tree",
+    "train",
+]

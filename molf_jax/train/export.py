@@ -1,0 +1,141 @@
+"""After training: the merged HF checkpoint, the PEFT adapter, and reloading a finished run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from molf_jax.checkpoints import save_hf
+from molf_jax.checkpoints.peft import save_peft_adapter
+from molf_jax.lora import LoraSpec, lora_paths
+from molf_jax.routing import path_to_str
+from molf_jax.train.checkpoint import RunCheckpointer
+from molf_jax.train.config import TrainConfig
+from molf_jax.train.mesh import make_mesh
+from molf_jax.train.modes import build_optimizer, is_lora_path, is_trainable
+from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
+                                  target_linears)
+from molf_jax.train.trees import join_trees, split_tree
+
+EXPORT_DTYPES = ("bfloat16", "float32")
+
+__all__ = ["RunArtifacts", "adapter_refusal", "export_artifacts", "load_run"]
+
+
+@dataclasses.dataclass
+class RunArtifacts:
+    """A finished run, rebuilt from its directory (see `load_run`)."""
+
+    config: TrainConfig
+    model_config: Any
+    params: Any
+    lora: LoraSpec | None
+    mode: str
+    source_dir: Path | None
+    tokenizer: Any
+
+
+def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
+                     merged_dir: str | os.PathLike | None = None,
+                     adapter_dir: str | os.PathLike | None = None,
+                     dtype: str | None = None) -> tuple[dict[str, Path], str | None]:
+    """Writes the merged HF folder and, where the run allows it, the PEFT adapter.
+
+    Args:
+      run: a ``molf_jax.train.RunArtifacts`` (``load_run``): config, model_config, params,
+        lora, mode, source_dir, tokenizer.
+      run_dir: the run directory (default home of ``merged/`` and ``adapter/``).
+      merged_dir, adapter_dir: destinations. An explicit ``adapter_dir`` on a run that cannot
+        have an adapter is an error; by default such a run just gets none.
+      dtype: ``"bfloat16"``, ``"float32"`` or None (the parameters' own dtype).
+
+    Returns:
+      ``({"merged": path, "adapter": path}, note)``: the folders written, and why there is no
+      adapter (None when there is one).
+
+    Example:
+      >>> export_artifacts(load_run("runs/lora"), "runs/lora")   # doctest: +SKIP
+      ({'merged': PosixPath('runs/lora/merged'), 'adapter': PosixPath('runs/lora/adapter')}, None)
+    """
+    run_dir = Path(run_dir)
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+    storage = None if dtype is None else jnp.dtype(dtype)
+    refusal = adapter_refusal(run)
+    if refusal and adapter_dir is not None:
+        raise ValueError(f"cannot write a PEFT adapter for {run_dir}: {refusal}")
+
+    params = jax.device_get(run.params)
+    written = {"merged": save_hf(
+        Path(merged_dir) if merged_dir is not None else run_dir / "merged", params,
+        run.model_config, lora=run.lora, source_dir=run.source_dir,
+        tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage)}
+    if refusal is None:
+        base = str(run.source_dir) if run.source_dir is not None else str(run.config.model)
+        written["adapter"] = save_peft_adapter(
+            Path(adapter_dir) if adapter_dir is not None else run_dir / "adapter", params,
+            run.model_config, run.lora, base_model_name_or_path=base, dtype=storage)
+    return written, refusal
+
+
+def adapter_refusal(run: Any) -> str | None:
+    """Why ``run`` cannot be exported as a LoRA adapter, or None when it can.
+
+    An adapter carries only the LoRA factors, so every other leaf must be the base model's.
+    ``load_run`` rebuilds frozen leaves from the base, so the leaves the run's mode trains
+    (``molf_jax.train.is_trainable``) are exactly the ones that may have moved.
+    """
+    if run.mode == "fft":
+        return "an fft run has no LoRA experts; use the merged folder"
+    if run.lora is None or not lora_paths(run.params):
+        return f"the {run.mode} run's parameters hold no LoRA leaves"
+    trains = is_trainable(run.config, target_linears(run.params))
+    moved = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.params)[0]]
+    moved = [p for p in moved if trains(p) and not is_lora_path(p)]
+    if moved:
+        reason = ("molf trains the base kernels (its FFT expert)" if run.mode == "molf" else
+                  f"the {run.mode} run also trained {len(moved)} non-LoRA parameters "
+                  f"(e.g. {moved[0]}; train_embeddings_norms)")
+        return f"{reason}, which a LoRA adapter cannot carry; use the merged folder"
+    return None
+
+
+def load_run(run_dir) -> RunArtifacts:
+    """Rebuilds a run's full parameters (base + trained leaves) from its latest checkpoint.
+
+    Example:
+      >>> run = load_run("runs/molf")                                 # doctest: +SKIP
+      >>> run.params["layers"]["0"]["self_attn"]["q_proj"]["lora_1"]["a"].shape
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "run_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no run_config.json")
+    raw = json.loads(config_path.read_text())
+    for key in ("lora_ranks", "lora_alpha", "lora_targets"):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
+    config = TrainConfig(**raw).replace(mesh="data=1,fsdp=-1,tensor=1")
+    source = resolve_model(config.model)
+    mesh = make_mesh(config.mesh)
+    params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
+    trainable_fn = is_trainable(config, target_linears(params))
+    trainable, frozen = split_tree(params, trainable_fn)
+    optimizer, _ = build_optimizer(config, total_steps=1)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
+    checkpointer = RunCheckpointer(run_dir, async_save=False)
+    try:
+        trainable, _, _ = checkpointer.restore(
+            trainable, opt_state, identity=model_identity(config, source, params))
+    finally:
+        checkpointer.close()
+    return RunArtifacts(config=config, model_config=source.config,
+                        params=join_trees(trainable, frozen), lora=spec, mode=config.mode,
+                        source_dir=source.hf_dir, tokenizer=load_tokenizer(source))

@@ -1,0 +1,336 @@
+"""The training run: data, model, mesh, optimizer, the jitted step in a loop, checkpoints, logs,
+evaluation before and after, and the exports.
+
+The loop never waits on the device inside a step: metrics of step t are read back after step
+t+1 has been dispatched, so logging overlaps compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from molf_jax import models
+from molf_jax.data import BatchIterator, encode_records, load_task
+from molf_jax.routing import label_lora_experts, routing_table
+from molf_jax.train.checkpoint import RunCheckpointer
+from molf_jax.train.config import ConfigError, TrainConfig
+from molf_jax.train.mesh import batch_divisor, batch_sharding, initialize_distributed, make_mesh
+from molf_jax.train.modes import build_optimizer, is_trainable
+from molf_jax.train.setup import (build_params, dtype_of, load_tokenizer, model_identity,
+                                  resolve_model, target_linears)
+from molf_jax.train.step import make_train_step
+from molf_jax.train.trees import count_params, join_trees, split_tree
+from molf_jax.train.runlog import RunLog
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train", "RunSummary", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a finished run reports (also written to ``summary.json``)."""
+
+    mode: str
+    model: str
+    steps: int
+    tokens: int
+    seconds: float
+    trainable_params: int
+    total_params: int
+    final_loss: float | None
+    skipped_steps: int
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    run_dir: str
+    merged_dir: str | None = None
+    adapter_dir: str | None = None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_data(config: TrainConfig, tokenizer):
+    """Training examples (encoded) and evaluation records of the task."""
+    data = load_task(config.task, config.source, size=config.task_size, seed=config.seed)
+    encoded, stats = encode_records(config.task, data.train, tokenizer,
+                                    max_length=config.max_length, overflow=config.overflow)
+    if stats.dropped or stats.truncated:
+        _say(f"data: {stats.kept} examples kept, {stats.truncated} truncated, {stats.dropped} "
+             f"dropped for exceeding --max-length {config.max_length} ({config.overflow})")
+    if not encoded:
+        raise ConfigError(f"task {config.task!r} from {config.source!r} has no training "
+                          "examples left (empty dataset, or all longer than --max-length)")
+    return encoded, data.eval
+
+
+def evaluate(config: TrainConfig, model, params, tokenizer, records) -> dict[str, float]:
+    from molf_jax.eval import evaluate_task
+
+    records = records[: config.eval_limit]
+    if not records:
+        return {}
+    result = evaluate_task(config.task, model, params, tokenizer, records,
+                           batch_size=config.batch_size)
+    return {name: float(v["value"]) for name, v in result.items()
+            if isinstance(v, dict) and "value" in v}
+
+
+def _stack_micro(batches: list[dict]) -> dict[str, np.ndarray]:
+    length = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for key in ("input_ids", "attention_mask", "loss_mask"):
+        out[key] = np.stack([np.pad(b[key], ((0, 0), (0, length - b[key].shape[1])))
+                             for b in batches]).astype(np.int32)
+    return out
+
+
+def _to_devices(array: np.ndarray, sharding) -> jax.Array:
+    # Each process supplies only its own shards (multi-host safe).
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _expert_labels(config: TrainConfig) -> list[str]:
+    return ["fft"] + [f"lora_{i} (r={r})" for i, r in enumerate(config.ranks, start=1)]
+
+
+def total_optimizer_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    return max(1, math.ceil(config.epochs * steps_per_epoch / config.grad_accum))
+
+
+def train(config: TrainConfig) -> RunSummary:
+    """Runs one training job end to end; see `TrainConfig` for every setting.
+
+    Example:
+      >>> summary = train(TrainConfig(mode="molf", model="qwen2.5-0.5b", steps=10))  # doctest: +SKIP
+    """
+    initialize_distributed()
+    run_dir = Path(config.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(config.mesh)
+    rows_divisor = batch_divisor(mesh)
+    if config.batch_size % rows_divisor:
+        raise ConfigError(f"--batch-size {config.batch_size} must divide over the mesh's "
+                          f"data x fsdp = {rows_divisor} devices")
+
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(source)
+    encoded, eval_records = prepare_data(config, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    iterator = BatchIterator(encoded, batch_size=config.batch_size, pad_id=pad_id,
+                             seed=config.seed, max_length=config.max_length)
+    total_steps = total_optimizer_steps(config, iterator.steps_per_epoch)
+
+    params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
+    model = models.build_model(source.config, lora=spec, scan_layers=config.scan_layers,
+                               remat=config.remat, dtype=dtype_of(config.compute_dtype),
+                               param_dtype=dtype_of(config.param_dtype))
+    trainable_fn = is_trainable(config, target_linears(params))
+    optimizer, schedules = build_optimizer(config, total_steps)
+    trainable, frozen = split_tree(params, trainable_fn)
+    opt_state = jax.jit(optimizer.init)(trainable)
+    identity = model_identity(config, source, params)
+
+    checkpointer = RunCheckpointer(run_dir, keep=config.keep_checkpoints)
+    start_step, skipped_total = 0, 0
+    if config.resume:
+        trainable, opt_state, meta = checkpointer.restore(trainable, opt_state,
+                                                          identity=identity)
+        params = join_trees(trainable, frozen)
+        iterator.restore(meta["data"])
+        start_step, skipped_total = int(meta["step"]), int(meta.get("skipped", 0))
+        _say(f"resuming {run_dir} at step {start_step}")
+    elif checkpointer.latest_step() is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
+                          "that run or choose another --out-dir")
+    (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+    routed = config.mode in ("molf", "molfe")
+    log = RunLog(run_dir, tensorboard=config.tensorboard)
+    if routed:
+        table = routing_table(label_lora_experts, trainable)
+        log.write_routing_table(table.module_names, _expert_labels(config), table.valid)
+
+    n_trainable, n_total = count_params(trainable), count_params(params)
+    _say(f"{config.mode}: {source.name} ({type(source.config).__name__}), "
+         f"{n_trainable:,} of {n_total:,} parameters train; task {config.task} "
+         f"({config.source}), {len(encoded)} examples, {total_steps} optimizer steps of "
+         f"{config.batch_size} x {config.grad_accum} rows; mesh {dict(mesh.shape)}")
+
+    eval_before = None
+    if config.eval_before_after and not config.resume:
+        t0 = time.time()
+        eval_before = evaluate(config, model, params, tokenizer, eval_records)
+        _say(f"eval before: {_fmt(eval_before)} ({time.time() - t0:.0f}s)")
+
+    step_fn = jax.jit(make_train_step(
+        model, optimizer, trainable=trainable_fn, seed=config.seed,
+        loss_chunk=config.loss_chunk, dropout=bool(spec and config.lora_dropout > 0),
+        route_fft_column=config.mode == "molf",
+        return_routing=routed and config.routing_log_every > 0), donate_argnums=(0, 1))
+    sharding = batch_sharding(mesh)
+
+    def save(step):
+        train_now, _ = split_tree(params, trainable_fn)
+        checkpointer.save(step, train_now, opt_state, {
+            "step": step, "data": iterator.state(), "seed": config.seed,
+            "skipped": skipped_total, "identity": identity})
+
+    progress = _progress(total_steps, start_step)
+    pending: list[tuple[int, dict, int, float]] = []
+    interval: list[dict] = []
+    step_times: list[float] = []
+    nonfinite_run, tokens_total, last_loss = 0, 0, None
+    started = time.time()
+    last_time = started
+    eta_said = False
+    try:
+        for step in range(start_step, total_steps):
+            micro = _stack_micro([next(iterator) for _ in range(config.grad_accum)])
+            tokens = int(micro["attention_mask"].sum())
+            batch = {k: _to_devices(v, sharding) for k, v in micro.items()}
+            batch["step"] = np.int32(step)
+            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            pending.append((step, metrics, tokens, time.time()))
+            # Read back the previous step while this one runs.
+            while len(pending) > 1 or step == total_steps - 1 and pending:
+                done_step, done, done_tokens, _ = pending.pop(0)
+                host = jax.device_get(done)
+                now = time.time()
+                step_times.append(now - last_time)
+                last_time = now
+                tokens_total += done_tokens
+                if bool(host["skipped"]):
+                    skipped_total += 1
+                    nonfinite_run += 1
+                    _say(f"step {done_step + 1}: non-finite loss or gradient; update skipped "
+                         f"({nonfinite_run} in a row)")
+                    if nonfinite_run >= config.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_run} non-finite steps in a row (--max-nonfinite "
+                            f"{config.max_nonfinite}); stopping at step {done_step + 1}")
+                else:
+                    nonfinite_run = 0
+                    last_loss = float(host["loss"])
+                host["tokens_per_s"] = done_tokens / max(step_times[-1], 1e-9)
+                interval.append(host)
+                if routed and config.routing_log_every and \
+                        (done_step + 1) % config.routing_log_every == 0:
+                    log.routing(done_step + 1, host["route_winners"], host["route_scores"])
+                if (done_step + 1) % config.log_every == 0 or done_step == total_steps - 1:
+                    log.metrics(_interval_row(done_step + 1, interval, schedules,
+                                              skipped_total))
+                    interval = []
+                progress.update(1)
+                progress.set_postfix_str(f"loss {last_loss if last_loss is None else round(last_loss, 4)}"
+                                         f" | {host['tokens_per_s']:,.0f} tok/s")
+                if not eta_said and len(step_times) == 3:
+                    eta = statistics.median(step_times[1:]) * (total_steps - done_step - 1)
+                    _say(f"\nafter compilation, about {_duration(eta)} of training left")
+                    eta_said = True
+            if config.save_every and (step + 1) % config.save_every == 0:
+                save(step + 1)
+        if not config.save_every or total_steps % config.save_every:
+            save(total_steps)
+        checkpointer.wait()
+    finally:
+        progress.close()
+        log.close()
+        checkpointer.close()
+    seconds = time.time() - started
+
+    eval_after = None
+    if config.eval_before_after:
+        t0 = time.time()
+        eval_after = evaluate(config, model, params, tokenizer, eval_records)
+        _say(f"eval after: {_fmt(eval_after)} ({time.time() - t0:.0f}s)")
+
+    summary = RunSummary(
+        mode=config.mode, model=source.name, steps=total_steps, tokens=tokens_total,
+        seconds=round(seconds, 2), trainable_params=n_trainable, total_params=n_total,
+        final_loss=last_loss, skipped_steps=skipped_total, eval_before=eval_before,
+        eval_after=eval_after, run_dir=str(run_dir))
+    if config.export and jax.process_index() == 0:
+        from molf_jax.train.export import RunArtifacts, export_artifacts
+
+        run = RunArtifacts(config=config, model_config=source.config, params=params, lora=spec,
+                           mode=config.mode, source_dir=source.hf_dir, tokenizer=tokenizer)
+        written, note = export_artifacts(run, run_dir)
+        summary.merged_dir = str(written["merged"])
+        summary.adapter_dir = str(written["adapter"]) if "adapter" in written else None
+    (run_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
+    _print_summary(summary)
+    return summary
+
+
+def _interval_row(step: int, interval: list[dict], schedules, skipped_total: int) -> dict:
+    finite = [m for m in interval if not bool(m["skipped"])]
+    row: dict[str, Any] = {
+        "step": step,
+        "loss": float(np.mean([m["loss"] for m in finite])) if finite else None,
+        "lr_fft": float(schedules["fft"](step - 1)),
+        "lr_lora": float(schedules["lora"](step - 1)),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in finite])) if finite else None,
+        "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in interval])),
+        "skipped": skipped_total,
+    }
+    if interval and "fft_fraction" in interval[-1]:
+        row["fft_fraction"] = float(np.mean([m["fft_fraction"] for m in interval]))
+    if interval and "expert_fraction" in interval[-1]:
+        row["expert_fraction"] = np.mean([m["expert_fraction"] for m in interval],
+                                         axis=0).tolist()
+    return row
+
+
+def _progress(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _fmt(metrics: dict[str, float] | None) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in (metrics or {}).items()) or "(nothing)"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _print_summary(s: RunSummary) -> None:
+    lines = [
+        "",
+        f"done: {s.mode} on {s.model}, {s.steps} steps, {s.tokens:,} tokens in "
+        f"{_duration(s.seconds)}; final loss {s.final_loss}; skipped steps {s.skipped_steps}",
+        f"trainable parameters: {s.trainable_params:,} of {s.total_params:,}",
+    ]
+    if s.eval_before is not None and s.eval_after is not None:
+        for name in s.eval_after:
+            before = s.eval_before.get(name, float("nan"))
+            after = s.eval_after[name]
+            lines.append(f"  {name}: {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+    lines.append(f"run directory: {s.run_dir}")
+    if s.merged_dir:
+        lines.append(f"merged HF checkpoint: {s.merged_dir}")
+    if s.adapter_dir:
+        lines.append(f"LoRA adapter: {s.adapter_dir}")
+    print("\n".join(lines), flush=True)

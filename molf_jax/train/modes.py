@@ -1,0 +1,115 @@
+"""The four training modes: which LoRA experts exist, which leaves train, which optimizer.
+
+=======  ===========================  ==================================  ====================
+mode     LoRA experts                 trainable                           optimizer
+=======  ===========================  ==================================  ====================
+fft      none                         everything                          AdamW (FFT lr/wd)
+lora     one rank                     LoRA leaves                         AdamW (LoRA lr/wd)
+molf     ranks (default 128)          everything                          molf_adamw, routed
+molfe    two+ ranks (default 16,128)  LoRA leaves (+ embeddings, norms    molf_adamw, routed
+                                      and non-target params with           between LoRA experts
+                                      ``train_embeddings_norms``)
+=======  ===========================  ==================================  ====================
+
+Biases and norm scales take no weight decay in every mode.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from molf_jax.lora import LoraExpert, LoraSpec
+from molf_jax.routing import default_no_decay, label_lora_experts, molf_adamw, path_to_str
+from molf_jax.train.config import TrainConfig
+
+__all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer"]
+
+_LORA_LEVEL = re.compile(r"(^|/)lora_\d+/")
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+
+
+def lora_spec(config: TrainConfig) -> LoraSpec | None:
+    """The LoRA experts a mode adds to every target linear (None for fft)."""
+    if config.mode == "fft":
+        return None
+    experts = tuple(LoraExpert(r, a) for r, a in zip(config.ranks, config.alphas))
+    return LoraSpec(experts=experts, targets=tuple(config.lora_targets), rslora=config.rslora,
+                    dropout=config.lora_dropout)
+
+
+def is_lora_path(path: str) -> bool:
+    return _LORA_LEVEL.search(path) is not None
+
+
+def is_trainable(config: TrainConfig, target_linears: set[str]) -> Callable[[str], bool]:
+    """``path -> bool``: whether a leaf trains in this mode.
+
+    Args:
+      target_linears: module paths that carry LoRA experts (their kernel and bias are the base
+        that MoLF-Efficient freezes).
+    """
+    if config.mode in ("fft", "molf"):
+        return lambda path: True
+    if config.mode == "lora" or not config.train_embeddings_norms:
+        return is_lora_path
+
+    def molfe_with_extras(path: str) -> bool:
+        if is_lora_path(path):
+            return True
+        module = path.rsplit("/", 1)[0]
+        return module not in target_linears
+
+    return molfe_with_extras
+
+
+def make_schedule(config: TrainConfig, peak: float, total_steps: int) -> optax.Schedule:
+    """Warm-up over ``warmup_ratio`` of the optimizer steps, then cosine or linear to zero."""
+    warmup = int(round(config.warmup_ratio * total_steps))
+    if config.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+    else:
+        decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def build_optimizer(config: TrainConfig, total_steps: int,
+                    max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation,
+                                                                dict[str, optax.Schedule]]:
+    """The mode's optimizer over the trainable tree, and its schedules by group name."""
+    fft_lr = make_schedule(config, config.fft_lr, total_steps)
+    lora_lr = make_schedule(config, config.lora_lr, total_steps)
+    mu_dtype = None if config.state_dtype == config.param_dtype else _DTYPES[config.state_dtype]
+
+    def adamw(lr, wd):
+        return optax.adamw(lr, weight_decay=wd, mu_dtype=mu_dtype)
+
+    def groups(params) -> Any:
+        return jax.tree_util.tree_map_with_path(lambda p, _: _group(path_to_str(p)), params)
+
+    if config.mode in ("molf", "molfe"):
+        tx = molf_adamw(label_lora_experts, fft_learning_rate=fft_lr, lora_learning_rate=lora_lr,
+                        fft_weight_decay=config.fft_weight_decay,
+                        lora_weight_decay=config.lora_weight_decay, mu_dtype=mu_dtype,
+                        top_k=config.top_k, score=config.score)
+    else:
+        tx = optax.partition({"fft": adamw(fft_lr, config.fft_weight_decay),
+                              "fft_no_decay": adamw(fft_lr, 0.0),
+                              "lora": adamw(lora_lr, config.lora_weight_decay)}, groups)
+    if max_grad_norm:
+        tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+    return tx, {"fft": fft_lr, "lora": lora_lr}
+
+
+def _group(path: str) -> str:
+    if is_lora_path(path):
+        return "lora"
+    return "fft_no_decay" if default_no_decay(path) else "fft"

@@ -1,0 +1,83 @@
+"""What a run writes for people and plots: metrics.jsonl, routing.jsonl, TensorBoard events.
+
+Files in the run directory:
+
+* ``metrics.jsonl``: one object per logging interval: step, loss (mean over the interval's
+  finished steps), lr_fft, lr_lora, grad_norm, tokens_per_s, skipped (non-finite steps so far),
+  and for routed modes fft_fraction (molf) and expert_fraction (one value per expert column).
+* ``routing_modules.json``: the routing table: module row names, expert column labels, and which
+  cells exist.
+* ``routing.jsonl``: per logged step, each module's winners (0/1 per expert column) and scores
+  (null where the module has no such expert).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RunLog"]
+
+
+class RunLog:
+    """Appends JSON lines (and optional TensorBoard scalars) under a run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._routing = None
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError("--tensorboard needs the tensorboardX package: pip install "
+                                   "'molf_jax[tensorboard]'") from err
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def write_routing_table(self, module_names, expert_labels, valid: np.ndarray) -> None:
+        with open(self.run_dir / "routing_modules.json", "w") as f:
+            json.dump({"modules": list(module_names), "experts": list(expert_labels),
+                       "valid": np.asarray(valid).astype(bool).tolist()}, f)
+        self._routing = open(self.run_dir / "routing.jsonl", "a", buffering=1)
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(_plain(row)) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, row["step"])
+
+    def routing(self, step: int, winners: np.ndarray, scores: np.ndarray) -> None:
+        if self._routing is None:
+            return
+        scores = [[None if not math.isfinite(s) else float(s) for s in row] for row in scores]
+        self._routing.write(json.dumps({"step": step,
+                                        "winners": np.asarray(winners).astype(int).tolist(),
+                                        "scores": scores}) + "\n")
+
+    def close(self) -> None:
+        self._metrics.close()
+        if self._routing is not None:
+            self._routing.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out

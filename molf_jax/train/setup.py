@@ -1,0 +1,134 @@
+"""Building what a run needs from its config: model source, tokenizer, data, params, optimizer.
+
+Shared by the training loop (`molf_jax.train.loop`) and by `load_run`, which rebuilds a finished
+run's parameters for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from molf_jax import models
+from molf_jax.checkpoints import load_hf
+from molf_jax.lora import LoraSpec, add_lora_experts, lora_paths
+from molf_jax.routing import path_to_str
+from molf_jax.train.config import ConfigError, TrainConfig
+from molf_jax.train.mesh import param_sharding
+from molf_jax.train.modes import lora_spec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "build_params", "dtype_of",
+           "target_linears", "model_identity"]
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a run's base model comes from.
+
+    Attributes:
+      name: what the user gave ('default', a folder, or a preset name).
+      hf_dir: the HF folder with weights and tokenizer, or None for a random-init preset.
+      config: the model's `DecoderConfig`.
+    """
+
+    name: str
+    hf_dir: Path | None
+    config: Any
+
+
+def resolve_model(name: str) -> ModelSource:
+    """'default' -> the embedded Gemma 3 270M (converted once and cached); a folder -> that HF
+    folder; a preset name (e.g. 'qwen2.5-1.5b') -> a random-init model of that shape."""
+    if name == "default":
+        from molf_jax.checkpoints.default_model import default_model_dir
+
+        hf_dir = default_model_dir()
+        return ModelSource(name, Path(hf_dir), models.load_config(hf_dir))
+    if os.path.isdir(name):
+        return ModelSource(name, Path(name), models.load_config(name))
+    try:
+        return ModelSource(name, None, models.preset(name))
+    except KeyError:
+        raise ConfigError(f"--model {name!r} is neither 'default', an existing HF folder, nor "
+                          "a preset name") from None
+
+
+def load_tokenizer(source: ModelSource):
+    """The folder's tokenizer (transformers), or a byte-level one for random-init presets."""
+    if source.hf_dir is None:
+        from molf_jax.data import byte_level_tokenizer
+
+        return byte_level_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source.hf_dir))
+
+
+def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Array
+                 ) -> tuple[Any, LoraSpec | None]:
+    """Base params (loaded straight onto the mesh, or random) plus the mode's LoRA experts."""
+    param_dtype = dtype_of(config.param_dtype)
+    rule = param_sharding(mesh)
+    base_key, lora_key = jax.random.split(rng)
+    if source.hf_dir is not None:
+        _, params = load_hf(source.hf_dir, param_dtype=param_dtype,
+                            scan_layers=config.scan_layers, shardings=rule)
+    else:
+        model = models.build_model(source.config, scan_layers=config.scan_layers,
+                                   param_dtype=param_dtype)
+        abstract = models.abstract_params(model)
+        shardings = jax.tree.map(lambda x: rule("", x.shape), abstract)
+        # Each device initialises only its own shards.
+        params = jax.jit(lambda key: models.init_params(model, key),
+                         out_shardings=shardings)(base_key)
+    spec = lora_spec(config)
+    if spec is not None:
+        params = add_lora_experts(params, spec, lora_key)
+        if not lora_paths(params):
+            raise ConfigError(f"--lora-targets {list(config.lora_targets)} match no linear of "
+                              "this model")
+        params = jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
+    return params, spec
+
+
+def target_linears(params: Any) -> set[str]:
+    """Module paths that carry LoRA experts."""
+    return {path.split("/lora_")[0] for path in lora_paths(params)}
+
+
+def model_identity(config: TrainConfig, source: ModelSource, params: Any) -> dict:
+    """What must match for a checkpoint to resume this run."""
+    shapes = sorted((p, list(x.shape)) for p, x in zip(
+        _paths(params), jax.tree.leaves(params)))
+    return {
+        "model": source.name,
+        "model_type": type(source.config).__name__,
+        "mode": config.mode,
+        "lora_ranks": list(config.ranks),
+        "scan_layers": config.scan_layers,
+        "num_params": int(sum(math.prod(s) for _, s in shapes)),
+        "shapes_digest": _digest(shapes),
+    }
+
+
+def _paths(tree):
+    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]

@@ -1,0 +1,115 @@
+"""The pure training step: ``train_step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+* Gradients only for trainable leaves: the tree is split by path inside the step and
+  ``value_and_grad`` sees the trainable part alone, so frozen kernels get no gradient buffers.
+* Gradient accumulation: ``batch`` arrays are ``[micro, rows, length]``; a ``lax.scan`` sums
+  micro-batch gradients and the optimizer (and its schedule) advances once per call.
+* The loss is the mean over all target tokens of the accumulated batch (`next_token_loss_sum`).
+* A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
+  reported in ``metrics['skipped']``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from molf_jax.models import output_kernel
+from molf_jax.routing import MolfRouteState
+from molf_jax.train.loss import next_token_loss_sum
+from molf_jax.train.trees import join_trees, split_tree
+
+__all__ = ["make_train_step", "find_route_state"]
+
+
+def find_route_state(opt_state: Any) -> MolfRouteState | None:
+    """The `MolfRouteState` inside an optimizer state, or None."""
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MolfRouteState)):
+        if isinstance(node, MolfRouteState):
+            return node
+    return None
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, *,
+                    trainable: Callable[[str], bool], seed: int = 0, loss_chunk: int = 1024,
+                    dropout: bool = True, route_fft_column: bool = False,
+                    return_routing: bool = True) -> Callable:
+    """Builds the (unjitted) training step for a flax causal LM.
+
+    Args:
+      model: a `molf_jax.models.CausalLM`.
+      optimizer: over the trainable part of the params (see `build_optimizer`).
+      trainable: ``path -> bool`` for each leaf of the full params tree.
+      seed: dropout keys are ``fold_in(fold_in(key(seed), step), micro)``.
+      loss_chunk: tokens per logits chunk in the loss.
+      dropout: run the model in training mode (LoRA dropout).
+      route_fft_column: report the fraction of routed modules that chose expert 0.
+      return_routing: include this step's routing winners and scores in the metrics.
+
+    Returns:
+      ``train_step(params, opt_state, batch)``; ``batch`` holds ``input_ids``,
+      ``attention_mask``, ``loss_mask`` as int32 ``[micro, rows, length]`` and ``step``
+      (int32 scalar, the optimizer step about to be taken).
+
+    Example:
+      >>> step = jax.jit(make_train_step(model, tx, trainable=lambda p: True),
+      ...                donate_argnums=(0, 1))                    # doctest: +SKIP
+    """
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+
+    def micro_loss(train_params, frozen_params, ids, mask, loss_mask, key):
+        params = join_trees(train_params, frozen_params)
+        hidden = model.apply({"params": params}, ids, mask, deterministic=not dropout,
+                             return_hidden=True, rngs={"dropout": key} if dropout else None)
+        return next_token_loss_sum(hidden, output_kernel(params, config), ids, loss_mask,
+                                   chunk=loss_chunk, softcap=softcap)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(params, opt_state, batch):
+        train_params, frozen_params = split_tree(params, trainable)
+        step_key = jax.random.fold_in(jax.random.key(seed), batch["step"])
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train_params)
+
+        def accumulate(carry, xs):
+            grad_sum, loss_sum, count = carry
+            index, ids, mask, loss_mask = xs
+            (loss, n), grads = grad_fn(train_params, frozen_params, ids, mask, loss_mask,
+                                       jax.random.fold_in(step_key, index))
+            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+            return (grad_sum, loss_sum + loss, count + n), None
+
+        micro = batch["input_ids"].shape[0]
+        (grad_sum, loss_sum, count), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+            (jnp.arange(micro), batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, train_params)
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grad_sum) / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt_state = optimizer.update(grads, opt_state, train_params)
+        new_train = optax.apply_updates(train_params, updates)
+        new_train = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_train, train_params)
+        new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt_state,
+                                     opt_state)
+
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
+                   "skipped": jnp.logical_not(finite)}
+        route = find_route_state(new_opt_state)
+        if route is not None:
+            if route_fft_column:
+                metrics["fft_fraction"] = jnp.mean(route.winners[:, 0].astype(jnp.float32))
+            metrics["expert_fraction"] = jnp.mean(route.winners.astype(jnp.float32), axis=0)
+            if return_routing:
+                metrics["route_winners"] = route.winners
+                metrics["route_scores"] = route.scores
+        return join_trees(new_train, frozen_params), new_opt_state, metrics
+
+    return train_step

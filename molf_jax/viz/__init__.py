@@ -1,0 +1,67 @@
+"""Pictures of a run: routing dynamics (which expert each module chose, step by step) and loss.
+
+Example:
+  >>> from molf_jax.viz import plot_run
+  >>> plot_run("runs/molf")   # doctest: +SKIP
+  [PosixPath('runs/molf/plots/routing_fraction.png'), ...]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Reading a run directory's logs.
+from molf_jax.viz._runlog import RoutingLog, RunRecord, layer_of, projection_of, read_run
+
+# Figures (matplotlib Figure objects, fixed pixel sizes).
+from molf_jax.viz._figures import (DPI, fraction_figure, heatmap_figure, loss_figure,
+                                   projection_types, save_figure)
+
+__all__ = [
+    "DPI",
+    "RoutingLog",
+    "RunRecord",
+    "fraction_figure",
+    "heatmap_figure",
+    "layer_of",
+    "loss_figure",
+    "plot_run",
+    "projection_of",
+    "projection_types",
+    "read_run",
+    "save_figure",
+]
+
+FILES = {"fraction": "routing_fraction.png", "heatmap": "routing_heatmap.png",
+         "loss": "loss.png"}
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+             ) -> list[Path]:
+    """Writes the PNGs of a run: routing fraction and heatmap (molf, molfe) and the loss curve.
+
+    Args:
+      run_dir: a directory written by ``molf-jax train`` (``run_config.json``,
+        ``metrics.jsonl``, and for routed runs ``routing_modules.json`` + ``routing.jsonl``).
+      out_dir: where the PNGs go (created); default ``run_dir/plots``.
+
+    Returns:
+      The paths written: ``routing_fraction.png``, ``routing_heatmap.png`` (routed runs only)
+      and ``loss.png``.
+
+    Raises:
+      FileNotFoundError: a needed file is missing. ValueError: a file is empty or malformed.
+
+    Example:
+      >>> paths = plot_run("runs/molfe", "figures")   # doctest: +SKIP
+    """
+    record = read_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else record.run_dir / "plots"
+    figures = []
+    if record.routing is not None:
+        figures += [(FILES["fraction"], fraction_figure(record)),
+                    (FILES["heatmap"], heatmap_figure(record))]
+    figures.append((FILES["loss"], loss_figure(record)))
+    out.mkdir(parents=True, exist_ok=True)
+    return [save_figure(fig, out / name) for name, fig in figures]

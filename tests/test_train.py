@@ -1,0 +1,225 @@
+"""Training: the four modes, the AdamW anchor, exact resume after SIGKILL, sharding, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from molf_jax import models
+from molf_jax.cli import main as cli_main
+from molf_jax.data import byte_level_tokenizer
+from molf_jax.train import RunCheckpointer, TrainConfig, train
+from molf_jax.train.mesh import make_mesh
+from molf_jax.train.modes import build_optimizer, is_trainable
+from molf_jax.train.setup import build_params, resolve_model, target_linears
+from molf_jax.train.step import make_train_step
+from molf_jax.train.trees import split_tree, tree_paths
+from tiny_run import tiny_config, tiny_hf_folder
+
+# The tiny Qwen2 of tiny_run: D=32, F=64, L=2 layers, N=4 heads, K=2 kv heads, H=8 head dim.
+D, F, L, N, K, H = 32, 64, 2, 4, 2, 8
+V = len(byte_level_tokenizer())
+
+
+def base_count():
+    per_layer = (D * N * H + N * H) + 2 * (D * K * H + K * H) + N * H * D + 3 * D * F + 2 * D
+    return V * D + L * per_layer + D  # tied embeddings, final norm
+
+
+def lora_count(ranks):
+    # r * (in + out) per target: q, k, v, o, gate, up, down.
+    per_rank = (D + N * H) + 2 * (D + K * H) + (N * H + D) + 3 * (D + F)
+    return L * sum(ranks) * per_rank
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_hf_folder(tmp_path_factory.mktemp("model") / "tiny-qwen2")
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r["loss"] for r in rows]
+
+
+@pytest.mark.parametrize("mode,extra,expected", [
+    ("fft", {}, lambda: base_count()),
+    ("lora", {}, lambda: lora_count([4])),
+    ("molf", {}, lambda: base_count() + lora_count([4])),
+    ("molfe", {}, lambda: lora_count([2, 8])),
+    ("molfe", {"train_embeddings_norms": True},
+     lambda: lora_count([2, 8]) + V * D + L * 2 * D + D),
+])
+def test_every_mode_trains_and_counts_its_parameters(tiny_dir, tmp_path, mode, extra, expected):
+    config = tiny_config(tiny_dir, tmp_path / "run", mode=mode, steps=8, **extra)
+    summary = train(config)
+    assert summary.trainable_params == expected()
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 8
+    assert np.mean(curve[-2:]) < curve[0] - 0.05, curve
+    if mode in ("molf", "molfe"):
+        routing = [json.loads(line) for line in open(tmp_path / "run" / "routing.jsonl")]
+        table = json.load(open(tmp_path / "run" / "routing_modules.json"))
+        assert len(routing) == 8 and len(table["modules"]) == L * 7
+        assert all(sum(row) == 1 for step in routing for row in step["winners"])
+
+
+def test_molf_at_full_top_k_is_plain_adamw(tiny_dir, tmp_path):
+    """Equal FFT and LoRA rates and decays, top-k = all experts: AdamW on the same
+    reparameterised model."""
+    molf = tiny_config(tiny_dir, tmp_path, mode="molf", top_k=2, fft_lr=1e-2, lora_lr=1e-2,
+                       fft_weight_decay=0.05, lora_weight_decay=0.05)
+    plain = molf.replace(mode="fft")  # same optimizer groups, no routing
+    source = resolve_model(str(tiny_dir))
+    params, spec = build_params(molf, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
+    model = models.build_model(source.config, lora=spec)
+    trainable = is_trainable(molf, target_linears(params))
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(4, V, (1, 4, 32), dtype=np.int32),
+                "attention_mask": np.ones((1, 4, 32), np.int32),
+                "loss_mask": np.ones((1, 4, 32), np.int32), "step": np.int32(i)}
+               for i in range(4)]
+    results = []
+    for config in (molf, plain):
+        tx, _ = build_optimizer(config, total_steps=4)
+        step = jax.jit(make_train_step(model, tx, trainable=trainable, dropout=False))
+        p, (train_part, _) = params, split_tree(params, trainable)
+        state = tx.init(train_part)
+        for batch in batches:
+            p, state, metrics = step(p, state, batch)
+        results.append(p)
+    # Equal up to float32 rounding: XLA fuses the two programs' Adam arithmetic differently.
+    # k_proj's bias is left out: its true gradient is zero (softmax ignores a shift shared by
+    # all keys), so Adam normalises pure rounding noise into full-size steps.
+    for path, a, b in zip(tree_paths(results[0]), jax.tree.leaves(results[0]),
+                          jax.tree.leaves(results[1])):
+        if path.endswith("k_proj/bias"):
+            continue
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1e-5 * float(np.abs(b).max()), err_msg=path)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         results[0], params)
+    assert min(jax.tree.leaves(moved)) > 0  # every leaf, LoRA and base, was updated
+
+
+def cli_train(args, **popen):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "molf_jax.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def final_params(run_dir, like):
+    ckpt = RunCheckpointer(run_dir, async_save=False)
+    step = ckpt.latest_step()
+    params = ckpt._manager.restore(step, args=__import__("orbax.checkpoint").checkpoint.args
+                                   .Composite(params=__import__("orbax.checkpoint").checkpoint
+                                              .args.StandardRestore()))["params"]
+    ckpt.close()
+    return step, params
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tiny_dir, tmp_path):
+    n = 3
+    common = ["--model", str(tiny_dir), "--mode", "molf", "--lora-ranks", "4", "--task", "fact",
+              "--task-size", "8", "--batch-size", "4", "--max-length", "96", "--mesh", "fsdp=1",
+              "--steps", str(2 * n), "--save-every", str(n), "--no-eval", "--no-export",
+              "--lora-dropout", "0.1", "--grad-accum", "2"]
+    whole = cli_train(common + ["--out-dir", str(tmp_path / "whole")])
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out
+
+    killed = cli_train(common + ["--out-dir", str(tmp_path / "killed")])
+    deadline = time.time() + 600
+    ckpt_dir = tmp_path / "killed" / "checkpoints"
+    while time.time() < deadline and killed.poll() is None:
+        if ckpt_dir.is_dir() and RunCheckpointer(tmp_path / "killed").latest_step() == n:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    resumed = cli_train(common + ["--out-dir", str(tmp_path / "killed"), "--resume"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert f"resuming {tmp_path / 'killed'} at step {n}" in out
+
+    step_a, a = final_params(tmp_path / "whole", None)
+    step_b, b = final_params(tmp_path / "killed", None)
+    assert step_a == step_b == 2 * n
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_eight_device_run_matches_one_device(tiny_dir, tmp_path):
+    assert len(jax.devices()) >= 8
+    results, curves = [], []
+    for mesh in ("fsdp=1", "data=2,fsdp=4,tensor=1"):
+        run_dir = tmp_path / mesh.replace(",", "_")
+        train(tiny_config(tiny_dir, run_dir, mode="molf", batch_size=8, steps=3, mesh=mesh))
+        results.append(final_params(run_dir, None)[1])
+        curves.append(losses(run_dir))
+        routing = [json.loads(line)["winners"] for line in open(run_dir / "routing.jsonl")]
+        curves.append(routing)
+    np.testing.assert_allclose(curves[0], curves[2], rtol=1e-5)
+    assert curves[1] == curves[3]  # identical routing decisions
+    # Sharded reductions round differently; Adam turns the rounding of near-zero gradients into
+    # visible steps, so params agree to a tolerance scaled by each tensor's size.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-4 * float(np.abs(y).max())), *results)
+
+
+def run_cli(capsys, *args):
+    status = cli_main(["train", *args])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "dora"], "unknown mode 'dora'"),
+    (["--mode", "lora", "--lora-ranks", "0"], "LoRA ranks must be positive"),
+    (["--mode", "molf", "--top-k", "3"], "top-k must be between 1 and the number of experts"),
+    (["--fft-lr=-1e-4"], "fft-lr must be >= 0"),
+    (["--mode", "molfe", "--lora-ranks", "16"], "give two or more ranks"),
+])
+def test_bad_settings_give_a_message_and_status(capsys, args, message):
+    status, err = run_cli(capsys, *args)
+    assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_bad_data_and_resume_give_a_message_and_status(capsys, tiny_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--mesh", "fsdp=1", "--batch-size", "4", "--no-eval",
+              "--no-export", "--steps", "1", "--lora-ranks", "4"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    status, err = run_cli(capsys, *common, "--task", "sql", "--source", str(empty),
+                          "--out-dir", str(tmp_path / "a"))
+    assert status == 2 and "empty.jsonl" in err
+
+    status, err = run_cli(capsys, *common, "--task-size", "4", "--max-length", "8",
+                          "--out-dir", str(tmp_path / "b"))
+    assert status == 2 and "no training examples left" in err
+
+    status, err = run_cli(capsys, *common, "--resume", "--out-dir", str(tmp_path / "c"))
+    assert status == 2 and "no finished checkpoint" in err
+
+    other = tiny_hf_folder(tmp_path / "tiny-gemma", family="gemma3")
+    status, _ = run_cli(capsys, *common, "--task-size", "4", "--out-dir", str(tmp_path / "d"))
+    assert status == 0
+    status, err = run_cli(capsys, *common[2:], "--model", str(other), "--task-size", "4",
+                          "--resume", "--out-dir", str(tmp_path / "d"))
+    assert status == 2 and "different run" in err and "model" in err
+
+
+def test_non_finite_losses_skip_steps_then_stop(capsys, tiny_dir, tmp_path):
+    status, err = run_cli(capsys, "--model", str(tiny_dir), "--mesh", "fsdp=1", "--mode", "fft",
+                          "--batch-size", "4", "--task-size", "8", "--steps", "8",
+                          "--fft-lr", "1e38", "--warmup-ratio", "0", "--schedule", "constant",
+                          "--max-nonfinite", "2", "--no-eval", "--no-export",
+                          "--out-dir", str(tmp_path / "nan"))
+    assert status == 2
+    assert "update skipped (1 in a row)" in err and "2 non-finite steps in a row" in err

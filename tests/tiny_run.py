@@ -1,0 +1,43 @@
+"""Tiny HF folders for training tests: random Qwen2 / Gemma 3 shapes with a byte-level tokenizer."""
+
+from pathlib import Path
+
+import jax
+
+from molf_jax import models
+from molf_jax.checkpoints import save_hf
+from molf_jax.data import byte_level_tokenizer
+
+
+def tiny_hf_folder(path: Path, family: str = "qwen2", seed: int = 0) -> Path:
+    """Writes a 2-layer model whose vocabulary covers the byte-level tokenizer."""
+    tokenizer = byte_level_tokenizer()
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+    if family == "qwen2":
+        config = models.preset("qwen2.5-0.5b", **common)
+    else:
+        config = models.preset("gemma3-270m", **common, sliding_window=16,
+                               layer_types=("sliding_attention", "full_attention"))
+    model = models.build_model(config)
+    params = models.init_params(model, jax.random.key(seed))
+    save_hf(path, jax.device_get(params), config, tokenizer=tokenizer)
+    return path
+
+
+def tiny_config(model_dir, out_dir, **overrides):
+    """A TrainConfig sized for tests: one device, a few steps, no evaluation or export."""
+    from molf_jax.train import TrainConfig
+
+    base = dict(model=str(model_dir), out_dir=str(out_dir), task="fact", task_size=8,
+                batch_size=4, steps=6, max_length=96, mesh="fsdp=1", fft_lr=3e-3, lora_lr=3e-2,
+                warmup_ratio=0.0, schedule="constant", lora_dropout=0.0,
+                eval_before_after=False, export=False)
+    base.update(overrides)
+    if base.get("mode") in ("lora", "molf") and "lora_ranks" not in overrides:
+        base["lora_ranks"] = (4,)
+    if base.get("mode") == "molfe" and "lora_ranks" not in overrides:
+        base["lora_ranks"] = (2, 8)
+    return TrainConfig(**base)
