@@ -79,7 +79,7 @@ def test_molf_at_full_top_k_is_plain_adamw(tiny_dir, tmp_path):
     plain = molf.replace(mode="fft")  # same optimizer groups, no routing
     source = resolve_model(str(tiny_dir))
     params, spec = build_params(molf, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
-    model = models.build_model(source.config, lora=spec)
+    model = models.build_model(source.config, lora=spec, scan_layers=molf.scan_layers)
     trainable = is_trainable(molf, target_linears(params))
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(4, V, (1, 4, 32), dtype=np.int32),

@@ -35,7 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lora-ranks", type=int, nargs="+", default=None,
                    help="ranks (default: lora 32, molf 128, molfe 16 128)")
     g.add_argument("--lora-alpha", type=float, nargs="+", default=None,
-                   help="one alpha, or one per rank (default 2 x rank)")
+                   help="one alpha, or one per rank (default 16)")
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     g.add_argument("--no-rslora", dest="rslora", action="store_false",
                    help="scale by alpha/r instead of alpha/sqrt(r)")
@@ -70,7 +70,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--state-dtype", default=d.state_dtype, choices=("float32", "bfloat16"))
     g.add_argument("--compute-dtype", default=d.compute_dtype, choices=("float32", "bfloat16"))
     g.add_argument("--remat", default=d.remat, help=f"one of {', '.join(REMAT)}")
-    g.add_argument("--scan-layers", action="store_true")
+    g.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                   help="unroll the layers (default: one scanned block, faster to compile)")
     g.add_argument("--loss-chunk", type=int, default=d.loss_chunk)
     g.add_argument("--mesh", default=d.mesh, help="axis sizes, e.g. data=1,fsdp=-1,tensor=1")
 

@@ -11,6 +11,9 @@ SCORES = ("epd", "pfn")
 REMAT = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16")
 
+# One alpha for every rank: with rsLoRA the scale 16 / sqrt(r) keeps a rank-128 expert's update
+# size close to a rank-16 one's (Kalajdzievski 2023), which routing between ranks needs.
+DEFAULT_ALPHA = 16.0
 # Per mode, the LoRA ranks used when none are given (DESIGN.md section 1).
 DEFAULT_RANKS = {"fft": (), "lora": (32,), "molf": (128,), "molfe": (16, 128)}
 
@@ -30,8 +33,8 @@ class TrainConfig:
         'default' for the embedded Gemma 3 270M.
       task: 'sql', 'med' or 'fact'; source: 'offline', a hub name or a local file.
       task_size: number of records the offline generator makes.
-      lora_ranks / lora_alpha (per-rank alphas; a single value applies to all ranks;
-        default: 2 * rank) / lora_dropout / rslora / lora_targets: the LoRA experts.
+      lora_ranks / lora_alpha (one alpha for all ranks, or one per rank; default 16, so with
+        rsLoRA s = 16 / sqrt(r)) / lora_dropout / rslora / lora_targets: the LoRA experts.
       fft_lr, lora_lr, fft_weight_decay, lora_weight_decay: the paper's two groups.
       top_k, score: routing (molf, molfe).
       train_embeddings_norms: molfe only; also train embeddings, norms and non-target params
@@ -51,7 +54,7 @@ class TrainConfig:
     model: str = "default"
     task: str = "fact"
     source: str = "offline"
-    task_size: int = 200
+    task_size: int = 96
     seed: int = 0
 
     lora_ranks: tuple[int, ...] | None = None
@@ -82,7 +85,7 @@ class TrainConfig:
     state_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
-    scan_layers: bool = False
+    scan_layers: bool = True
     loss_chunk: int = 1024
 
     mesh: str = "data=1,fsdp=-1,tensor=1"
@@ -108,7 +111,7 @@ class TrainConfig:
     @property
     def alphas(self) -> tuple[float, ...]:
         if self.lora_alpha is None:
-            return tuple(2.0 * r for r in self.ranks)
+            return tuple(DEFAULT_ALPHA for _ in self.ranks)
         if len(self.lora_alpha) == 1:
             return tuple(float(self.lora_alpha[0]) for _ in self.ranks)
         return tuple(float(a) for a in self.lora_alpha)

@@ -74,7 +74,6 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
     def train_step(params, opt_state, batch):
         train_params, frozen_params = split_tree(params, trainable)
         step_key = jax.random.fold_in(jax.random.key(seed), batch["step"])
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train_params)
 
         def accumulate(carry, xs):
             grad_sum, loss_sum, count = carry
@@ -85,9 +84,18 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
             return (grad_sum, loss_sum + loss, count + n), None
 
         micro = batch["input_ids"].shape[0]
-        (grad_sum, loss_sum, count), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-            (jnp.arange(micro), batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
+        if micro == 1:
+            # No accumulator: the gradient stays in the parameters' dtype (half the memory of
+            # a float32 buffer for bf16 models).
+            (loss_sum, count), grad_sum = grad_fn(
+                train_params, frozen_params, batch["input_ids"][0], batch["attention_mask"][0],
+                batch["loss_mask"][0], jax.random.fold_in(step_key, 0))
+        else:
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train_params)
+            (grad_sum, loss_sum, count), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+                (jnp.arange(micro), batch["input_ids"], batch["attention_mask"],
+                 batch["loss_mask"]))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, train_params)
         loss = loss_sum / denom

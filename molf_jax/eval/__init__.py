@@ -1,0 +1,70 @@
+"""Evaluation of the three tasks: SQL exact match / execution accuracy, Med accuracy, Fact scores.
+
+``evaluate_task`` renders prompts from hub-format records, runs batched greedy generation (SQL,
+Med) or one forward pass for next-token logits (Fact), and returns
+``{metric: {'value': v, 'n': samples}}``; ``append_result_row`` logs rows to CSV/JSONL; the
+``eval`` CLI subcommand lives in :mod:`molf_jax.eval.command`.
+"""
+
+# Running a task.
+from molf_jax.eval._runner import (
+    DEFAULT_MAX_NEW_TOKENS,
+    decode_generation,
+    evaluate_task,
+    generate_texts,
+    jax_generate_fn,
+    jax_next_token_logits_fn,
+    left_pad,
+    pad_token_id,
+    prompt_batches,
+)
+
+# Metrics.
+from molf_jax.eval._sql_metrics import (
+    SqlExecutionError,
+    execute_sql,
+    extract_sql,
+    normalize_sql,
+    results_match,
+    sql_exact_match,
+    sql_metrics,
+)
+from molf_jax.eval._med_metrics import first_option_letter, med_metrics
+from molf_jax.eval._fact_metrics import (
+    FactQuery,
+    distinguishing_tokens,
+    fact_queries,
+    fact_scores,
+    target_tokens,
+)
+
+# Result files.
+from molf_jax.eval._results import RESULT_FIELDS, append_result_row
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "FactQuery",
+    "RESULT_FIELDS",
+    "SqlExecutionError",
+    "append_result_row",
+    "decode_generation",
+    "distinguishing_tokens",
+    "evaluate_task",
+    "execute_sql",
+    "extract_sql",
+    "fact_queries",
+    "fact_scores",
+    "first_option_letter",
+    "generate_texts",
+    "jax_generate_fn",
+    "jax_next_token_logits_fn",
+    "left_pad",
+    "med_metrics",
+    "normalize_sql",
+    "pad_token_id",
+    "prompt_batches",
+    "results_match",
+    "sql_exact_match",
+    "sql_metrics",
+    "target_tokens",
+]

@@ -1,0 +1,241 @@
+"""Batched evaluation of a task: prompts -> left-padded batches -> generation/logits -> metrics.
+
+The model is reached through two small callables, so the same code scores a JAX model (the
+default: ``molf_jax.generation.greedy_generate`` and a jitted forward pass), a transformers
+torch model (``molf_jax.eval.hf_torch``), or a fake in a unit test:
+
+* ``generate_fn(input_ids, attention_mask) -> tokens [B, max_new_tokens]`` (left-padded int32
+  prompts in; tokens after EOS are padding);
+* ``next_token_logits_fn(input_ids, attention_mask) -> logits [B, V]`` at the last position.
+
+Prompts are sorted by length before batching (less padding) and each batch is padded to a
+multiple of ``pad_to_multiple_of`` tokens and to a full ``batch_size`` rows, so a jitted
+model compiles once per length bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from molf_jax.data import TASKS, med_prompt, prompt_ids, sql_example
+from molf_jax.eval._fact_metrics import fact_queries, fact_scores
+from molf_jax.eval._med_metrics import med_metrics
+from molf_jax.eval._sql_metrics import extract_sql, sql_metrics
+
+GenerateFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+DEFAULT_MAX_NEW_TOKENS = {"sql": 256, "med": 8}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its EOS id when it has no pad token (Qwen base models)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return int(tokenizer.eos_token_id)
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], *, pad_id: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to ``length``; returns int32 (input_ids, attention_mask) [B, T].
+
+    Example:
+      >>> ids, mask = left_pad([[5, 6], [7]], pad_id=0, length=3)
+      >>> ids.tolist(), mask.tolist()
+      ([[0, 5, 6], [0, 0, 7]], [[0, 1, 1], [0, 0, 1]])
+    """
+    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), length), dtype=np.int32)
+    for b, row in enumerate(rows):
+        if len(row) > length:
+            raise ValueError(f"prompt of {len(row)} tokens does not fit in length {length}")
+        if row:
+            ids[b, length - len(row) :] = row
+            mask[b, length - len(row) :] = 1
+    return ids, mask
+
+
+def prompt_batches(
+    token_lists: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    pad_to_multiple_of: int = 32,
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Yields (indices of the real rows, input_ids, attention_mask) over length-sorted prompts.
+
+    The last batch is filled to ``batch_size`` rows by repeating its last prompt; the indices
+    name only the real rows, in batch row order.
+    """
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        rows = [token_lists[i] for i in index]
+        rows += [rows[-1]] * (batch_size - len(rows))
+        longest = max(len(r) for r in rows)
+        length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        ids, mask = left_pad(rows, pad_id=pad_id, length=length)
+        yield index, ids, mask
+
+
+def decode_generation(tokenizer, tokens: Sequence[int]) -> str:
+    """Decodes generated tokens up to (not including) the first EOS, without special tokens."""
+    tokens = [int(t) for t in tokens]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in tokens:
+        tokens = tokens[: tokens.index(eos)]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def generate_texts(
+    prompts: Sequence[str],
+    tokenizer,
+    generate_fn: GenerateFn,
+    *,
+    batch_size: int,
+    pad_to_multiple_of: int = 32,
+) -> list[str]:
+    """Generates a continuation for every prompt, in batches; returns the decoded texts."""
+    token_lists = [prompt_ids(tokenizer, p) for p in prompts]
+    texts: list[str] = [""] * len(prompts)
+    for index, ids, mask in prompt_batches(
+        token_lists, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
+        pad_to_multiple_of=pad_to_multiple_of,
+    ):
+        tokens = np.asarray(generate_fn(ids, mask))
+        for row, i in enumerate(index):
+            texts[i] = decode_generation(tokenizer, tokens[row])
+    return texts
+
+
+def jax_generate_fn(model, params, tokenizer, *, max_new_tokens: int) -> GenerateFn:
+    """Greedy generation with the JAX model through ``molf_jax.generation.greedy_generate``."""
+    from molf_jax.generation import greedy_generate
+
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
+
+    def generate(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return greedy_generate(
+            model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+            eos_token_id=eos, pad_token_id=pad,
+        )
+
+    return generate
+
+
+def jax_next_token_logits_fn(model, params) -> LogitsFn:
+    """Last-position logits of the JAX model, one jitted forward pass per batch shape.
+
+    Only the last position is projected onto the vocabulary (final hidden state times
+    ``molf_jax.models.output_kernel``), so no [B, T, V] array is built. Logit soft-capping is
+    left out: it is monotonic, so it never changes which of two tokens is more probable.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from molf_jax.models import output_kernel
+
+    @jax.jit
+    def last_logits(params, input_ids, attention_mask):
+        hidden = model.apply(
+            {"params": params}, input_ids, attention_mask, deterministic=True, return_hidden=True
+        )
+        kernel = output_kernel(params, model.config).astype(jnp.float32)
+        return hidden[:, -1, :].astype(jnp.float32) @ kernel
+
+    return lambda ids, mask: np.asarray(last_logits(params, ids, mask))
+
+
+def _evaluate_generation(task, records, tokenizer, generate_fn, batch_size, pad_multiple,
+                         sql_with_context):
+    if task == "sql":
+        prompts = [sql_example(r, with_context=sql_with_context).prompt for r in records]
+    else:
+        prompts = [med_prompt(r) for r in records]
+    texts = generate_texts(
+        prompts, tokenizer, generate_fn, batch_size=batch_size, pad_to_multiple_of=pad_multiple
+    )
+    if task == "sql":
+        return sql_metrics([extract_sql(t) for t in texts], records)
+    return med_metrics(texts, records)
+
+
+def _evaluate_fact(records, tokenizer, logits_fn, batch_size, pad_multiple):
+    queries, skipped = fact_queries(records, tokenizer)
+    token_lists = [prompt_ids(tokenizer, q.prompt) + list(q.prefix) for q in queries]
+    new_logits = np.zeros(len(queries), dtype=np.float64)
+    true_logits = np.zeros(len(queries), dtype=np.float64)
+    for index, ids, mask in prompt_batches(
+        token_lists, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
+        pad_to_multiple_of=pad_multiple,
+    ):
+        logits = np.asarray(logits_fn(ids, mask), dtype=np.float64)
+        for row, i in enumerate(index):
+            new_logits[i] = logits[row, queries[i].new_id]
+            true_logits[i] = logits[row, queries[i].true_id]
+    return fact_scores(
+        queries, new_logits, true_logits, num_cases=len(records), skipped=skipped
+    )
+
+
+def evaluate_task(
+    task_name: str,
+    model,
+    params,
+    tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    sql_with_context: bool = True,
+    pad_to_multiple_of: int = 32,
+    generate_fn: GenerateFn | None = None,
+    next_token_logits_fn: LogitsFn | None = None,
+) -> dict[str, dict[str, float | int]]:
+    """Scores ``model`` on task records; returns ``{metric: {'value': v, 'n': samples}}``.
+
+    Metrics: 'sql' -> exact_match, execution_accuracy, execution_gold_failed (count);
+    'med' -> accuracy, no_letter (count); 'fact' -> efficacy_score, paraphrase_score,
+    neighborhood_score, skipped_target_prefix (count).
+
+    Args:
+      task_name: 'sql', 'med' or 'fact'.
+      model: a flax module called as ``model.apply({'params': params}, ids, mask, ...)``
+        (unused when both callables below are given).
+      params: its parameters.
+      tokenizer: the model's transformers tokenizer.
+      records: hub-format records (see :func:`molf_jax.data.load_task`).
+      batch_size: prompts per batch.
+      max_new_tokens: generation budget (default 256 for SQL, 8 for Med).
+      sql_with_context: SQL prompts include the schema (``sql_context``).
+      pad_to_multiple_of: prompt length rounding (fewer jit compilations).
+      generate_fn: replaces the JAX greedy generation (see the module docstring).
+      next_token_logits_fn: replaces the JAX forward pass for 'fact'.
+
+    Example:
+      >>> from molf_jax.data import byte_level_tokenizer, load_task
+      >>> records = load_task('med', size=4, seed=0).eval
+      >>> always_a = lambda ids, mask: np.tile(np.array([36, 69], np.int32), (len(ids), 1))
+      >>> evaluate_task('med', None, None, byte_level_tokenizer(), records,
+      ...               batch_size=2, generate_fn=always_a)['accuracy']['n']
+      4
+    """
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; expected one of {TASKS}")
+    if not records:
+        raise ValueError(f"no records to evaluate for task {task_name!r}")
+    if task_name == "fact":
+        logits_fn = next_token_logits_fn or jax_next_token_logits_fn(model, params)
+        return _evaluate_fact(records, tokenizer, logits_fn, batch_size, pad_to_multiple_of)
+    if generate_fn is None:
+        budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task_name]
+        generate_fn = jax_generate_fn(model, params, tokenizer, max_new_tokens=budget)
+    return _evaluate_generation(
+        task_name, records, tokenizer, generate_fn, batch_size, pad_to_multiple_of,
+        sql_with_context,
+    )
