@@ -26,7 +26,8 @@ import numpy as np
 
 from molf_jax import models
 from molf_jax.train import TrainConfig, build_optimizer, is_trainable, make_train_step, split_tree
-from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding
+from molf_jax.train.step import jit_train_step
+from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
 from molf_jax.train.modes import lora_spec
 from molf_jax.train.setup import target_linears
 from molf_jax.train.trees import count_params
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--loss-chunk", type=int, default=2048)
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
+    p.add_argument("--unrouted-optimizer", action="store_true",
+                   help="ablation: molf/molfe params, but plain AdamW (no routing)")
     p.add_argument("--tag", default="")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the first-step loss check against the plain configuration")
@@ -110,9 +113,10 @@ def main(argv=None):
 
     params = initial_params()
     trainable_fn = is_trainable(config, target_linears(params) if spec else set())
-    tx, _ = build_optimizer(config, total_steps=1000)
+    tx, _ = build_optimizer(config.replace(mode="fft") if args.unrouted_optimizer else config,
+                            total_steps=1000)
     trainable, frozen = split_tree(params, trainable_fn)
-    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = on_mesh(jax.jit(tx.init)(trainable), mesh)
     fresh_opt_state = jax.jit(tx.init)
 
     rng = np.random.default_rng(0)
@@ -124,9 +128,9 @@ def main(argv=None):
              "step": np.int32(0)}
 
     def step_for(m):
-        return jax.jit(make_train_step(m, tx, trainable=trainable_fn, dropout=False,
-                                       loss_chunk=args.loss_chunk, return_routing=False),
-                       donate_argnums=(0, 1))
+        return jit_train_step(make_train_step(m, tx, trainable=trainable_fn, dropout=False,
+                                              loss_chunk=args.loss_chunk, return_routing=False),
+                              params, opt_state)
 
     step = step_for(model)
     compile_start = time.perf_counter()
@@ -184,6 +188,7 @@ def main(argv=None):
     flops_per_token = 4 * n_params + 2 * n_train + 3 * attn
     result = {
         "model": args.model, "mode": args.mode, "tag": args.tag,
+        "unrouted_optimizer": args.unrouted_optimizer,
         "ranks": list(config.ranks), "batch": args.batch, "length": args.length,
         "param_dtype": args.param_dtype, "state_dtype": args.state_dtype,
         "remat": args.remat, "scan_layers": args.scan, "attention": args.attention,

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "make_mesh", "param_sharding", "shard_params", "batch_sharding",
-           "batch_divisor", "initialize_distributed"]
+           "batch_divisor", "initialize_distributed", "on_mesh"]
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -98,3 +98,15 @@ def batch_divisor(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
     """Sharding of ``[micro, batch, ...]`` arrays: rows over (data, fsdp)."""
     return NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (ndim - 2))))
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Puts leaves that are not laid out on ``mesh`` (e.g. an optimizer's step counters, which
+    ``init`` leaves on one device) on it, replicated; leaves already on it stay as they are."""
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree.map(place, tree)

@@ -23,7 +23,7 @@ from molf_jax.routing import MolfRouteState
 from molf_jax.train.loss import next_token_loss_sum
 from molf_jax.train.trees import join_trees, split_tree
 
-__all__ = ["make_train_step", "find_route_state"]
+__all__ = ["make_train_step", "jit_train_step", "find_route_state"]
 
 
 def find_route_state(opt_state: Any) -> MolfRouteState | None:
@@ -121,3 +121,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
         return join_trees(new_train, frozen_params), new_opt_state, metrics
 
     return train_step
+
+
+def jit_train_step(step_fn: Callable, params: Any, opt_state: Any) -> Callable:
+    """Jits a training step with donated state whose outputs keep the inputs' shardings.
+
+    Pinning the output shardings matters on a mesh: left to itself XLA may return params laid
+    out differently from how they came in, and the next call would then compile again. Pass
+    trees already placed with `molf_jax.train.mesh.on_mesh`.
+    """
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    return jax.jit(step_fn, donate_argnums=(0, 1),
+                   out_shardings=(shardings(params), shardings(opt_state), None))

@@ -1,0 +1,50 @@
+"""Prints the README's speed table from bench_results/*.json (our runs) and the authors'
+reference measurements (bench_results/authors_torch_reference_h200.json).
+
+Example:
+  python scripts/bench_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench_results"
+AUTHORS = {"fft": "fft", "lora": "lora_r32", "molf": "molf_fft_plus_r128_epd_top1",
+           "molfe": "molfe_r16_r128_epd_top1"}
+
+
+def describe(r: dict) -> str:
+    setting = f"remat {r['remat']}"
+    if r.get("train_embeddings_norms"):
+        setting += ", embeddings+norms trained"
+    if r.get("unrouted_optimizer"):
+        setting += ", ablation: plain AdamW (no routing)"
+    return setting
+
+
+def main(results: Path = RESULTS) -> None:
+    authors = json.loads((results / "authors_torch_reference_h200.json").read_text())
+    theirs = {row["mode"]: row for row in authors["results"]}
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
+            if not p.name.startswith("authors")]
+    print("| model | mode | setting | GPUs | tokens/s | authors' tokens/s | peak GiB | "
+          "authors' peak GiB | routing share | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    order = {"fft": 0, "lora": 1, "molf": 2, "molfe": 3}
+    for r in sorted(rows, key=lambda r: (r["model"], r["devices"], order[r["mode"]],
+                                         r["remat"] != "full", r.get("tag", ""))):
+        ref = theirs.get(AUTHORS[r["mode"]]) if r["model"] == "qwen2.5-1.5b" else None
+        routing = "" if r.get("routing_share") is None else f"{100 * r['routing_share']:.1f}%"
+        ranks = "/".join(str(x) for x in r["ranks"])
+        their_speed = f"{ref['tok_s']:,}" if ref else ""
+        their_peak = f"{ref['peak_gib']}" if ref else ""
+        print(f"| {r['model']} | {r['mode']}{' r' + ranks if ranks else ''} | {describe(r)} | "
+              f"{r['devices']} | {r['tokens_per_s']:,.0f} | {their_speed} | "
+              f"{r['peak_gib']:.1f} | {their_peak} | {routing} | {100 * r['mfu']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)
