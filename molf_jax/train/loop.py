@@ -177,10 +177,11 @@ def train(config: TrainConfig) -> RunSummary:
          f"({config.source}), {len(encoded)} examples, {total_steps} optimizer steps of "
          f"{config.batch_size} x {config.grad_accum} rows; mesh {dict(mesh.shape)}")
 
-    if source.name == "default" and config == TrainConfig():
-        _say("main job: MoLF on Gemma 3 270M, offline Fact task; about 7 minutes on a 2-core "
-             "CPU (compilation ~1 min, training ~4 min, two evaluations, export); the progress "
-             "bar shows the ETA")
+    if source.name == "default" and config.steps is None and \
+            config.task_size == TrainConfig.task_size and config.epochs == TrainConfig.epochs:
+        _say("main job: with these settings about 5 minutes on a 2-core CPU (measured: model "
+             "conversion 45 s the first time, evaluations 35 s each, compilation 1 min, "
+             "24 steps of ~7 s, export); the progress bar shows the ETA")
     eval_before = None
     if config.eval_before_after and not config.resume:
         t0 = time.time()
