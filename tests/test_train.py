@@ -9,13 +9,12 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from molf_jax import models
 from molf_jax.cli import main as cli_main
 from molf_jax.data import byte_level_tokenizer
-from molf_jax.train import RunCheckpointer, TrainConfig, train
+from molf_jax.train import RunCheckpointer, train
 from molf_jax.train.mesh import make_mesh
 from molf_jax.train.modes import build_optimizer, is_trainable
 from molf_jax.train.setup import build_params, resolve_model, target_linears
@@ -115,14 +114,12 @@ def cli_train(args, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def final_params(run_dir, like):
-    ckpt = RunCheckpointer(run_dir, async_save=False)
-    step = ckpt.latest_step()
-    params = ckpt._manager.restore(step, args=__import__("orbax.checkpoint").checkpoint.args
-                                   .Composite(params=__import__("orbax.checkpoint").checkpoint
-                                              .args.StandardRestore()))["params"]
-    ckpt.close()
-    return step, params
+def final_params(run_dir):
+    checkpointer = RunCheckpointer(run_dir, async_save=False)
+    try:
+        return checkpointer.latest_params()
+    finally:
+        checkpointer.close()
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tiny_dir, tmp_path):
@@ -150,8 +147,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tiny_dir, tmp_path):
     assert resumed.returncode == 0, out
     assert f"resuming {tmp_path / 'killed'} at step {n}" in out
 
-    step_a, a = final_params(tmp_path / "whole", None)
-    step_b, b = final_params(tmp_path / "killed", None)
+    step_a, a = final_params(tmp_path / "whole")
+    step_b, b = final_params(tmp_path / "killed")
     assert step_a == step_b == 2 * n
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
@@ -162,7 +159,7 @@ def test_eight_device_run_matches_one_device(tiny_dir, tmp_path):
     for mesh in ("fsdp=1", "data=2,fsdp=4,tensor=1"):
         run_dir = tmp_path / mesh.replace(",", "_")
         train(tiny_config(tiny_dir, run_dir, mode="molf", batch_size=8, steps=3, mesh=mesh))
-        results.append(final_params(run_dir, None)[1])
+        results.append(final_params(run_dir)[1])
         curves.append(losses(run_dir))
         routing = [json.loads(line)["winners"] for line in open(run_dir / "routing.jsonl")]
         curves.append(routing)

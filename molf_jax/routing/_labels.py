@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 __all__ = ["ExpertLabel", "label_lora_experts", "labels_from_paths", "path_to_str"]
 
@@ -62,6 +61,7 @@ def labels_from_paths(params: Any, label_fn: Callable[[str, jax.Array], ExpertLa
     This is the documented way to label any pytree by hand.
 
     Example:
+      >>> import numpy as np
       >>> params = {"w": {"kernel": np.zeros((4, 3)), "lora_1": {"a": np.zeros((4, 2)),
       ...           "b": np.zeros((2, 3))}}, "norm": np.ones(3)}
       >>> def label(path, leaf):
@@ -107,6 +107,7 @@ def label_lora_experts(
       A tree of the same structure holding `ExpertLabel` or ``None``.
 
     Example:
+      >>> import numpy as np
       >>> labels = label_lora_experts({"q_proj": {"kernel": np.zeros((4, 4)),
       ...     "lora_1": {"a": np.zeros((4, 2)), "b": np.zeros((2, 4))}}})
       >>> labels["q_proj"]["lora_1"]["a"]

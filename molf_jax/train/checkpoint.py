@@ -73,6 +73,16 @@ class RunCheckpointer:
             opt_state=ocp.args.StandardRestore(_abstract(opt_state_like))))
         return restored["params"], restored["opt_state"], meta
 
+    def latest_params(self) -> tuple[int, Any]:
+        """(step, trainable params) of the latest finished checkpoint, as saved (host arrays
+        when no target layout is given)."""
+        step = self.latest_step()
+        if step is None:
+            raise ResumeError(f"no finished checkpoint in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore()))
+        return step, restored["params"]
+
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed."""
         self._manager.wait_until_finished()
