@@ -177,7 +177,7 @@ def train(config: TrainConfig) -> RunSummary:
          f"({config.source}), {len(encoded)} examples, {total_steps} optimizer steps of "
          f"{config.batch_size} x {config.grad_accum} rows; mesh {dict(mesh.shape)}")
 
-    if source.name == "default" and config.steps is None and \
+    if source.name == "default" and config.mode == "molf" and config.steps is None and \
             config.task_size == TrainConfig.task_size and config.epochs == TrainConfig.epochs:
         _say("main job: with these settings about 5 minutes on a 2-core CPU (measured: model "
              "conversion 45 s the first time, evaluations 35 s each, compilation 1 min, "
