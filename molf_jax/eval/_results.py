@@ -52,3 +52,16 @@ def append_result_row(path: str, row: Mapping[str, Any]) -> None:
         if new_file:
             writer.writeheader()
         writer.writerow(dict(row))
+
+
+def report_metrics(model: str, task: str, metrics: Mapping[str, Mapping[str, Any]],
+                   seconds: float, results_path: str | None) -> None:
+    """Prints ``metrics`` as JSON and, with a results file, appends one row per metric."""
+    print(json.dumps({"model": model, "task": task, "seconds": round(seconds, 3),
+                      "metrics": metrics}, indent=2))
+    if results_path:
+        for metric, result in metrics.items():
+            append_result_row(results_path, {
+                "model": model, "task": task, "metric": metric, "value": result["value"],
+                "n": result["n"], "seconds": round(seconds, 3),
+            })

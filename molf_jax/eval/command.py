@@ -15,12 +15,11 @@ paper data and ``med-offline`` for the offline twin.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 from molf_jax.data import TASKS, load_task
-from molf_jax.eval._results import append_result_row
+from molf_jax.eval._results import report_metrics
 from molf_jax.eval._runner import evaluate_task
 
 
@@ -81,12 +80,5 @@ def main(args: argparse.Namespace) -> int:
 
     name = args.name or os.path.basename(os.path.normpath(args.model))
     task = f"{args.task}-offline" if args.source == "offline" else args.task
-    print(json.dumps({"model": name, "task": task, "seconds": round(seconds, 3),
-                      "metrics": metrics}, indent=2))
-    if args.results:
-        for metric, result in metrics.items():
-            append_result_row(args.results, {
-                "model": name, "task": task, "metric": metric, "value": result["value"],
-                "n": result["n"], "seconds": round(seconds, 3),
-            })
+    report_metrics(name, task, metrics, seconds, args.results)
     return 0

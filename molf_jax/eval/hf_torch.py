@@ -11,14 +11,13 @@ the embedded Gemma 3 270M GGUF on the offline tasks::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 
 from molf_jax.data import TASKS, load_task
-from molf_jax.eval._results import append_result_row
+from molf_jax.eval._results import report_metrics
 from molf_jax.eval._runner import evaluate_task, pad_token_id
 
 
@@ -113,14 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     seconds = time.perf_counter() - start
     task = f"{args.task}-offline" if args.source == "offline" else args.task
-    print(json.dumps({"model": name, "task": task, "seconds": round(seconds, 1),
-                      "metrics": metrics}, indent=2))
-    if args.results:
-        for metric, result in metrics.items():
-            append_result_row(args.results, {
-                "model": name, "task": task, "metric": metric, "value": result["value"],
-                "n": result["n"], "seconds": round(seconds, 3),
-            })
+    report_metrics(name, task, metrics, seconds, args.results)
     return 0
 
 
