@@ -30,7 +30,6 @@ from molf_jax.train.config import TrainConfig
 __all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer"]
 
 _LORA_LEVEL = re.compile(r"(^|/)lora_\d+/")
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
 
 def lora_spec(config: TrainConfig) -> LoraSpec | None:
@@ -87,7 +86,8 @@ def build_optimizer(config: TrainConfig, total_steps: int,
     """The mode's optimizer over the trainable tree, and its schedules by group name."""
     fft_lr = make_schedule(config, config.fft_lr, total_steps)
     lora_lr = make_schedule(config, config.lora_lr, total_steps)
-    mu_dtype = None if config.state_dtype == config.param_dtype else _DTYPES[config.state_dtype]
+    # optax keeps nu in the parameters' dtype; mu follows state_dtype when it differs.
+    mu_dtype = None if config.state_dtype == config.param_dtype else config.state_dtype
 
     def adamw(lr, wd):
         return optax.adamw(lr, weight_decay=wd, mu_dtype=mu_dtype)

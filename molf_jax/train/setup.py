@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from molf_jax import models
 from molf_jax.checkpoints import load_hf
 from molf_jax.lora import LoraSpec, add_lora_experts, lora_paths
-from molf_jax.routing import path_to_str
 from molf_jax.train.config import ConfigError, TrainConfig
 from molf_jax.train.mesh import param_sharding
 from molf_jax.train.modes import lora_spec
+from molf_jax.train.trees import tree_paths
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def target_linears(params: Any) -> set[str]:
 def model_identity(config: TrainConfig, source: ModelSource, params: Any) -> dict:
     """What must match for a checkpoint to resume this run."""
     shapes = sorted((p, list(x.shape)) for p, x in zip(
-        _paths(params), jax.tree.leaves(params)))
+        tree_paths(params), jax.tree.leaves(params)))
     return {
         "model": source.name,
         "model_type": type(source.config).__name__,
@@ -124,10 +124,6 @@ def model_identity(config: TrainConfig, source: ModelSource, params: Any) -> dic
         "num_params": int(sum(math.prod(s) for _, s in shapes)),
         "shapes_digest": _digest(shapes),
     }
-
-
-def _paths(tree):
-    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _digest(obj) -> str:
