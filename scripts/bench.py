@@ -25,6 +25,7 @@ import numpy as np
 
 from molf_jax import models
 from molf_jax.train import TrainConfig, build_optimizer, is_trainable, make_train_step, split_tree
+from molf_jax.train.config import MODES, ROUTED_MODES
 from molf_jax.train.step import jit_train_step
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
 from molf_jax.train.modes import lora_spec
@@ -38,7 +39,7 @@ PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md s
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen2.5-1.5b")
-    p.add_argument("--mode", default="molf", choices=("fft", "lora", "molf", "molfe"))
+    p.add_argument("--mode", default="molf", choices=MODES)
     p.add_argument("--layers", type=int, default=None,
                    help="override the preset's layer count (smoke tests)")
     p.add_argument("--lora-ranks", type=int, nargs="+", default=None)
@@ -165,7 +166,7 @@ def main(argv=None):
 
     optimizer_s = opt_time(tx)
     routing_s = None
-    if args.mode in ("molf", "molfe"):
+    if args.mode in ROUTED_MODES:
         plain_tx, _ = build_optimizer(config.replace(mode="fft"), total_steps=1000)
         routing_s = optimizer_s - opt_time(plain_tx)
     n_params, n_train = count_params(params), count_params(trainable)

@@ -1,4 +1,4 @@
-"""Training: the four modes, the AdamW anchor, exact resume after SIGKILL, sharding, bad input."""
+"""Training: the five modes, the AdamW anchor, exact resume after SIGKILL, sharding, bad input."""
 
 import json
 import os
@@ -55,6 +55,7 @@ def losses(run_dir):
     ("molfe", {}, lambda: lora_count([2, 8])),
     ("molfe", {"train_embeddings_norms": True},
      lambda: lora_count([2, 8]) + V * D + L * 2 * D + D),
+    ("molf_gate", {}, lambda: base_count() + lora_count([4])),
 ])
 def test_every_mode_trains_and_counts_its_parameters(tiny_dir, tmp_path, mode, extra, expected):
     config = tiny_config(tiny_dir, tmp_path / "run", mode=mode, steps=8, **extra)
@@ -63,7 +64,7 @@ def test_every_mode_trains_and_counts_its_parameters(tiny_dir, tmp_path, mode, e
     curve = losses(tmp_path / "run")
     assert len(curve) == 8
     assert np.mean(curve[-2:]) < curve[0] - 0.05, curve
-    if mode in ("molf", "molfe"):
+    if mode in ("molf", "molfe", "molf_gate"):
         routing = [json.loads(line) for line in open(tmp_path / "run" / "routing.jsonl")]
         table = json.load(open(tmp_path / "run" / "routing_modules.json"))
         assert len(routing) == 8 and len(table["modules"]) == L * 7

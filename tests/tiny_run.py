@@ -36,7 +36,7 @@ def tiny_config(model_dir, out_dir, **overrides):
                 warmup_ratio=0.0, schedule="constant", lora_dropout=0.0,
                 eval_before_after=False, export=False)
     base.update(overrides)
-    if base.get("mode") in ("lora", "molf") and "lora_ranks" not in overrides:
+    if base.get("mode") in ("lora", "molf", "molf_gate") and "lora_ranks" not in overrides:
         base["lora_ranks"] = (4,)
     if base.get("mode") == "molfe" and "lora_ranks" not in overrides:
         base["lora_ranks"] = (2, 8)

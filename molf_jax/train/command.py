@@ -13,9 +13,9 @@ _DEFAULTS = TrainConfig()
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds ``train`` to a CLI's subparsers (``func=main``)."""
     p = subparsers.add_parser(
-        "train", help="fine-tune with fft, lora, molf or molfe",
+        "train", help="fine-tune with fft, lora, molf, molfe or molf_gate",
         description="With no arguments: MoLF on the embedded Gemma 3 270M, offline Fact task, "
-                    "evaluated before and after (about 10 minutes on a 2-core CPU).")
+                    "evaluated before and after (about 5 minutes on a 2-core CPU).")
     d = _DEFAULTS
     g = p.add_argument_group("run")
     g.add_argument("--mode", default=d.mode, help=f"one of {', '.join(MODES)}")
@@ -33,7 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("LoRA experts")
     g.add_argument("--lora-ranks", type=int, nargs="+", default=None,
-                   help="ranks (default: lora 32, molf 128, molfe 16 128)")
+                   help="ranks (default: lora 32, molf and molf_gate 128, molfe 16 128)")
     g.add_argument("--lora-alpha", type=float, nargs="+", default=None,
                    help="one alpha, or one per rank (default 16)")
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)

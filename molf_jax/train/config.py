@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-MODES = ("fft", "lora", "molf", "molfe")
+MODES = ("fft", "lora", "molf", "molfe", "molf_gate")
+# Modes whose optimizer routes between experts (they log routing), and those with an FFT expert.
+ROUTED_MODES = ("molf", "molfe", "molf_gate")
+FFT_EXPERT_MODES = ("molf", "molf_gate")
 SCHEDULES = ("cosine", "linear", "constant")
 SCORES = ("epd", "pfn")
 REMAT = ("none", "full", "dots_saveable")
@@ -15,7 +18,8 @@ DTYPES = ("float32", "bfloat16")
 # size close to a rank-16 one's (Kalajdzievski 2023), which routing between ranks needs.
 DEFAULT_ALPHA = 16.0
 # Per mode, the LoRA ranks used when none are given (DESIGN.md section 1).
-DEFAULT_RANKS = {"fft": (), "lora": (32,), "molf": (128,), "molfe": (16, 128)}
+DEFAULT_RANKS = {"fft": (), "lora": (32,), "molf": (128,), "molfe": (16, 128),
+                 "molf_gate": (128,)}
 
 
 class ConfigError(ValueError):
@@ -27,8 +31,9 @@ class TrainConfig:
     """Everything a training run needs to know.
 
     Attributes:
-      mode: 'fft', 'lora', 'molf' (FFT expert + LoRA experts) or 'molfe' (frozen base, LoRA
-        experts of several ranks).
+      mode: 'fft', 'lora', 'molf' (FFT expert + LoRA experts), 'molfe' (frozen base, LoRA
+        experts of several ranks) or 'molf_gate' (molf's experts, routed by `molf_gate` chained
+        before AdamW: the approximate gradient-gating form, DESIGN.md section 2).
       model: an HF folder, a preset name for a random-init model (e.g. 'qwen2.5-0.5b'), or
         'default' for the embedded Gemma 3 270M.
       task: 'sql', 'med' or 'fact'; source: 'offline', a hub name or a local file.
@@ -139,16 +144,16 @@ def _check(c: TrainConfig) -> None:
          f"LoRA ranks must be positive integers, got {list(ranks)}")
     if c.mode == "lora":
         need(len(ranks) == 1, f"mode 'lora' takes one rank, got {list(ranks)}")
-    if c.mode == "molf":
-        need(len(ranks) >= 1, "mode 'molf' needs at least one LoRA rank")
+    if c.mode in FFT_EXPERT_MODES:
+        need(len(ranks) >= 1, f"mode {c.mode!r} needs at least one LoRA rank")
     if c.mode == "molfe":
         need(len(ranks) >= 2, f"mode 'molfe' routes between LoRA experts: give two or more "
                               f"ranks, got {list(ranks)}")
     if c.lora_alpha is not None:
         need(len(c.lora_alpha) in (1, len(ranks)),
              f"give one LoRA alpha or one per rank ({len(ranks)}), got {list(c.lora_alpha)}")
-    experts = len(ranks) + (1 if c.mode == "molf" else 0)
-    if c.mode in ("molf", "molfe"):
+    experts = len(ranks) + (1 if c.mode in FFT_EXPERT_MODES else 0)
+    if c.mode in ROUTED_MODES:
         need(isinstance(c.top_k, int) and 1 <= c.top_k <= experts,
              f"top-k must be between 1 and the number of experts per module ({experts}), "
              f"got {c.top_k}")

@@ -16,7 +16,7 @@ from molf_jax.checkpoints.peft import save_peft_adapter
 from molf_jax.lora import LoraSpec, lora_paths
 from molf_jax.routing import path_to_str
 from molf_jax.train.checkpoint import RunCheckpointer
-from molf_jax.train.config import TrainConfig
+from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig
 from molf_jax.train.mesh import make_mesh
 from molf_jax.train.modes import build_optimizer, is_lora_path, is_trainable
 from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
@@ -99,7 +99,8 @@ def adapter_refusal(run: Any) -> str | None:
     moved = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.params)[0]]
     moved = [p for p in moved if trains(p) and not is_lora_path(p)]
     if moved:
-        reason = ("molf trains the base kernels (its FFT expert)" if run.mode == "molf" else
+        reason = (f"{run.mode} trains the base kernels (its FFT expert)"
+                  if run.mode in FFT_EXPERT_MODES else
                   f"the {run.mode} run also trained {len(moved)} non-LoRA parameters "
                   f"(e.g. {moved[0]}; train_embeddings_norms)")
         return f"{reason}, which a LoRA adapter cannot carry; use the merged folder"

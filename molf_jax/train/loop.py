@@ -24,7 +24,7 @@ from molf_jax import models
 from molf_jax.data import BatchIterator, encode_records, load_task
 from molf_jax.routing import label_lora_experts, routing_table
 from molf_jax.train.checkpoint import RunCheckpointer
-from molf_jax.train.config import ConfigError, TrainConfig
+from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import (batch_divisor, batch_sharding, initialize_distributed,
                                  make_mesh, on_mesh)
 from molf_jax.train.modes import build_optimizer, is_trainable
@@ -165,7 +165,7 @@ def train(config: TrainConfig) -> RunSummary:
                           "that run or choose another --out-dir")
     (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
-    routed = config.mode in ("molf", "molfe")
+    routed = config.mode in ROUTED_MODES
     log = RunLog(run_dir, tensorboard=config.tensorboard)
     if routed:
         table = routing_table(label_lora_experts, trainable)
@@ -191,7 +191,7 @@ def train(config: TrainConfig) -> RunSummary:
     step_fn = jit_train_step(make_train_step(
         model, optimizer, trainable=trainable_fn, seed=config.seed,
         loss_chunk=config.loss_chunk, dropout=bool(spec and config.lora_dropout > 0),
-        route_fft_column=config.mode == "molf",
+        route_fft_column=config.mode in FFT_EXPERT_MODES,
         return_routing=routed and config.routing_log_every > 0), params, opt_state)
     sharding = batch_sharding(mesh)
 

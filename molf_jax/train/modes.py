@@ -9,6 +9,8 @@ molf     ranks (default 128)          everything                          molf_a
 molfe    two+ ranks (default 16,128)  LoRA leaves (+ embeddings, norms    molf_adamw, routed
                                       and non-target params with           between LoRA experts
                                       ``train_embeddings_norms``)
+molf_    ranks (default 128)          everything                          molf_gate chained
+gate                                                                      before AdamW
 =======  ===========================  ==================================  ====================
 
 Biases and norm scales take no weight decay in every mode.
@@ -24,7 +26,8 @@ import jax
 import optax
 
 from molf_jax.lora import LoraExpert, LoraSpec
-from molf_jax.routing import default_no_decay, label_lora_experts, molf_adamw, path_to_str
+from molf_jax.routing import (default_no_decay, label_lora_experts, molf_adamw, molf_gate,
+                              path_to_str)
 from molf_jax.train.config import TrainConfig
 
 __all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer"]
@@ -52,7 +55,7 @@ def is_trainable(config: TrainConfig, target_linears: set[str]) -> Callable[[str
       target_linears: module paths that carry LoRA experts (their kernel and bias are the base
         that MoLF-Efficient freezes).
     """
-    if config.mode in ("fft", "molf"):
+    if config.mode in ("fft", "molf", "molf_gate"):
         return lambda path: True
     if config.mode == "lora" or not config.train_embeddings_norms:
         return is_lora_path
@@ -104,6 +107,8 @@ def build_optimizer(config: TrainConfig, total_steps: int,
         tx = optax.partition({"fft": adamw(fft_lr, config.fft_weight_decay),
                               "fft_no_decay": adamw(fft_lr, 0.0),
                               "lora": adamw(lora_lr, config.lora_weight_decay)}, groups)
+        if config.mode == "molf_gate":
+            tx = optax.chain(molf_gate(label_lora_experts, top_k=config.top_k), tx)
     if max_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
     return tx, {"fft": fft_lr, "lora": lora_lr}

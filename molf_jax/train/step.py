@@ -19,17 +19,21 @@ import jax.numpy as jnp
 import optax
 
 from molf_jax.models import output_kernel
-from molf_jax.routing import MolfRouteState
+from molf_jax.routing import MolfGateState, MolfRouteState
 from molf_jax.train.loss import next_token_loss_sum
 from molf_jax.train.trees import join_trees, split_tree
 
 __all__ = ["make_train_step", "jit_train_step", "find_route_state"]
 
 
-def find_route_state(opt_state: Any) -> MolfRouteState | None:
-    """The `MolfRouteState` inside an optimizer state, or None."""
-    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MolfRouteState)):
-        if isinstance(node, MolfRouteState):
+_ROUTE_STATES = (MolfRouteState, MolfGateState)
+
+
+def find_route_state(opt_state: Any) -> MolfRouteState | MolfGateState | None:
+    """The routing state (`MolfRouteState` or `MolfGateState`) inside an optimizer state, or
+    None; both carry this step's ``winners`` and ``scores``."""
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _ROUTE_STATES)):
+        if isinstance(node, _ROUTE_STATES):
             return node
     return None
 

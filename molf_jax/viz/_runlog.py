@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from molf_jax.train.config import ROUTED_MODES
+
 __all__ = ["RoutingLog", "RunRecord", "layer_of", "projection_of", "read_run"]
 
-ROUTED_MODES = ("molf", "molfe")
 _LAYER = re.compile(r"(?:^|/)layers/(\d+)(?:/|$)|\[(\d+)\]$")
 
 
