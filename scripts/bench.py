@@ -61,7 +61,35 @@ def parse_args(argv=None):
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the first-step loss check against the plain configuration")
     p.add_argument("--out", default="bench_results")
+    p.add_argument("--dump-memory", metavar="DIR", default=None,
+                   help="also write the train step's compiled memory_analysis() as JSON to DIR")
     return p.parse_args(argv)
+
+
+def run_name(args) -> str:
+    return f"{args.model}_{args.mode}_{args.tag or 'default'}_{jax.device_count()}dev"
+
+
+def dump_memory(compiled, args, directory: str) -> None:
+    """Writes XLA's buffer sizes for the compiled step (bytes; peak = args + temp + out - alias)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        print(f"--dump-memory: backend {jax.default_backend()} gives no memory analysis")
+        return
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes", "generated_code_size_in_bytes")
+    figures = {f: int(getattr(stats, f)) for f in fields if hasattr(stats, f)}
+    peak = (figures["argument_size_in_bytes"] + figures["output_size_in_bytes"]
+            - figures["alias_size_in_bytes"] + figures["temp_size_in_bytes"])
+    record = {"model": args.model, "mode": args.mode, "tag": args.tag,
+              "unrouted_optimizer": args.unrouted_optimizer, "batch": args.batch,
+              "length": args.length, "remat": args.remat, "loss_chunk": args.loss_chunk,
+              "attention": args.attention, "jax": jax.__version__, **figures,
+              "peak_estimate_gib": peak / 2**30}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{run_name(args)}_memory.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
 
 
 def timed(fn, *args, repeat):
@@ -134,6 +162,9 @@ def main(argv=None):
 
     step = step_for(model)
     compile_start = time.perf_counter()
+    if args.dump_memory:
+        step = step.lower(params, opt_state, batch).compile()
+        dump_memory(step, args, args.dump_memory)
     params, opt_state, metrics = step(params, opt_state, batch)
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - compile_start
@@ -208,8 +239,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.model}_{args.mode}_{args.tag or 'default'}_{jax.device_count()}dev.json"
-    (out / name).write_text(json.dumps(result, indent=1))
+    (out / f"{run_name(args)}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "step_s_all"}))
 
 
