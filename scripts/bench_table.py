@@ -17,7 +17,9 @@ AUTHORS = {"fft": "fft", "lora": "lora_r32", "molf": "molf_fft_plus_r128_epd_top
 
 
 def describe(r: dict) -> str:
-    setting = f"remat {r['remat']}"
+    setting = f"batch {r['batch']} x {r['length']}, remat {r['remat']}"
+    if r.get("attention", "cudnn") != "cudnn":
+        setting += f", {r['attention']} attention"
     if r.get("train_embeddings_norms"):
         setting += ", embeddings+norms trained"
     if r.get("unrouted_optimizer"):
@@ -31,20 +33,38 @@ def main(results: Path = RESULTS) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
             if not p.name.startswith("authors")]
     print("| model | mode | setting | GPUs | tokens/s | authors' tokens/s | peak GiB | "
-          "authors' peak GiB | routing share | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "authors' peak GiB | routing share | MFU | tokens/s per GPU | per GPU vs 1 GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"fft": 0, "lora": 1, "molf": 2, "molfe": 3}
-    for r in sorted(rows, key=lambda r: (r["model"], r["devices"], order[r["mode"]],
-                                         r["remat"] != "full", r.get("tag", ""))):
+    for r in sorted(rows, key=lambda r: (r["model"], order[r["mode"]], r.get("attention", ""),
+                                         r["devices"], r["batch"], r["remat"] != "full",
+                                         r.get("tag", ""))):
         ref = theirs.get(AUTHORS[r["mode"]]) if r["model"] == "qwen2.5-1.5b" else None
         routing = "" if r.get("routing_share") is None else f"{100 * r['routing_share']:.1f}%"
         ranks = "/".join(str(x) for x in r["ranks"])
         their_speed = f"{ref['tok_s']:,}" if ref else ""
         their_peak = f"{ref['peak_gib']}" if ref else ""
+        per_gpu, scaling = "", ""
+        if r["devices"] > 1:
+            one = single_gpu_reference(rows, r)
+            per_gpu = f"{r['tokens_per_s'] / r['devices']:,.0f}"
+            scaling = f"{100 * r['tokens_per_s'] / r['devices'] / one['tokens_per_s']:.0f}%" \
+                if one else ""
         print(f"| {r['model']} | {r['mode']}{' r' + ranks if ranks else ''} | {describe(r)} | "
               f"{r['devices']} | {r['tokens_per_s']:,.0f} | {their_speed} | "
-              f"{r['peak_gib']:.1f} | {their_peak} | {routing} | {100 * r['mfu']:.0f}% |")
+              f"{r['peak_gib']:.1f} | {their_peak} | {routing} | {100 * r['mfu']:.0f}% | "
+              f"{per_gpu} | {scaling} |")
 
+
+def single_gpu_reference(rows: list[dict], r: dict) -> dict | None:
+    """The one-GPU run with the same settings and the same rows per GPU as ``r``."""
+    same = ("model", "mode", "remat", "attention", "length", "param_dtype", "state_dtype",
+            "train_embeddings_norms", "unrouted_optimizer")
+    for other in rows:
+        if other["devices"] == 1 and all(other.get(k) == r.get(k) for k in same) and \
+                other["batch"] * r["devices"] == r["batch"]:
+            return other
+    return None
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)
