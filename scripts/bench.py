@@ -52,7 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--state-dtype", default="bfloat16")
     p.add_argument("--remat", default="full")
     p.add_argument("--no-scan", dest="scan", action="store_false")
-    p.add_argument("--attention", default="cudnn" if jax.default_backend() == "gpu" else "xla")
+    # cuDNN attention on one GPU; on a mesh its custom partitioner failed under FSDP on 4 H200s
+    # (IndivisibleError, jax 0.11.2), so several devices default to XLA attention.
+    p.add_argument("--attention", choices=("cudnn", "xla"),
+                   default="cudnn" if jax.default_backend() == "gpu" and jax.device_count() == 1
+                   else "xla")
     p.add_argument("--loss-chunk", type=int, default=2048)
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     p.add_argument("--unrouted-optimizer", action="store_true",

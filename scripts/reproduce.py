@@ -258,21 +258,23 @@ def render(results: dict) -> str:
     rows = results["rows"]
     chosen = {(c["task"], c["method"]): c for c in results["chosen"]}
     base = {r["task"]: r for r in rows if r["method"] == "base"}
-    lines = ["| task (metric, test n) | method | lr scale | test | val | train loss | "
-             "peak GiB | train s | routing |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task (metric, test n) | method | lr scale | test | val | test details | "
+             "train loss | peak GiB | train s | routing |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for task in TASKS:
         metric = PRIMARY[task]
         if task in base:
             b = base[task]
             lines.append(f"| {task} ({metric}, {b['size']['test']}) | base model | - | "
-                         f"{_pct(b['test'][metric])} | {_pct(b['val'][metric])} | - | - | - | - |")
+                         f"{_pct(b['test'][metric])} | {_pct(b['val'][metric])} | "
+                         f"{_details(b)} | - | - | - | - |")
         for method in METHODS:
             c = chosen.get((task, method))
             if c is None:
                 continue
             lines.append(
                 f"| {task} | {method} | {c['lr_scale']:g} | {_pct(c['test'][metric])} | "
-                f"{_pct(c['val'][metric])} | {c['train_loss']:.3f} | "
+                f"{_pct(c['val'][metric])} | {_details(c)} | {c['train_loss']:.3f} | "
                 f"{c['peak_memory_gib']:.1f} | {c['train_seconds']:.0f} | {_routing(c)} |")
     lines += ["", "| task | MoLF - max(FFT, LoRA) (points) | within 1.5? | "
                   "MoLF-E - LoRA (points) | MoLF-E beats LoRA? |", "|---|---|---|---|---|"]
@@ -298,6 +300,17 @@ def render(results: dict) -> str:
         lines += ["", f"Repeat check: {repeat['job']} rerun, metrics "
                       f"{'identical' if repeat['identical'] else 'DIFFERENT'}."]
     return "\n".join(lines)
+
+
+def _details(row: dict) -> str:
+    """The test metric's parts: fact's three scores, sql's exact match."""
+    test = row["test"]
+    if row["task"] == "fact":
+        return " / ".join(f"{name} {_pct(test[key])}" for name, key in
+                          zip(("efficacy", "paraphrase", "neighbourhood"), FACT_PARTS))
+    if row["task"] == "sql":
+        return f"exact match {_pct(test['exact_match'])}"
+    return "-"
 
 
 def _routing(row: dict) -> str:

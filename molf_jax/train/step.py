@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import optax
 from molf_jax.models import output_kernel
 from molf_jax.routing import MolfGateState, MolfRouteState
 from molf_jax.train.loss import next_token_loss_sum
+from molf_jax.train.mesh import constrain_rows, mesh_of, tracing_mesh
 from molf_jax.train.trees import join_trees, split_tree
 
 __all__ = ["make_train_step", "jit_train_step", "find_route_state"]
@@ -70,6 +72,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
         params = join_trees(train_params, frozen_params)
         hidden = model.apply({"params": params}, ids, mask, deterministic=not dropout,
                              return_hidden=True, rngs={"dropout": key} if dropout else None)
+        # Rows stay split over the devices (FSDP: gather weights, not activations). Without it
+        # XLA took the embedding lookup's replicated output through the layers and split every
+        # matmul over the model width, all-reducing [B, T, D] activations of the whole global
+        # batch several times per layer (under `jit_train_step`, which names the mesh).
+        hidden = constrain_rows(hidden)
         return next_token_loss_sum(hidden, output_kernel(params, config), ids, loss_mask,
                                    chunk=loss_chunk, softcap=softcap)
 
@@ -132,8 +139,17 @@ def jit_train_step(step_fn: Callable, params: Any, opt_state: Any) -> Callable:
 
     Pinning the output shardings matters on a mesh: left to itself XLA may return params laid
     out differently from how they came in, and the next call would then compile again. Pass
-    trees already placed with `molf_jax.train.mesh.on_mesh`.
+    trees already placed with `molf_jax.train.mesh.on_mesh`. The params' mesh is the ambient
+    mesh while the step is traced (`molf_jax.train.mesh.tracing_mesh`), which lets the step
+    keep activations split by rows.
     """
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    return jax.jit(step_fn, donate_argnums=(0, 1),
+    mesh = mesh_of(params)
+
+    @functools.wraps(step_fn)  # keeps the name (jit_train_step in HLO dumps and profiles)
+    def step_on_mesh(*args):
+        with tracing_mesh(mesh):
+            return step_fn(*args)
+
+    return jax.jit(step_on_mesh, donate_argnums=(0, 1),
                    out_shardings=(shardings(params), shardings(opt_state), None))
