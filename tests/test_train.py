@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,15 +11,16 @@ import time
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 from molf_jax import models
 from molf_jax.cli import main as cli_main
 from molf_jax.data import byte_level_tokenizer
 from molf_jax.train import RunCheckpointer, train
-from molf_jax.train.mesh import make_mesh
+from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_spec
 from molf_jax.train.modes import build_optimizer, is_trainable
 from molf_jax.train.setup import build_params, resolve_model, target_linears
-from molf_jax.train.step import make_train_step
+from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.train.trees import split_tree, tree_paths
 from tiny_run import tiny_config, tiny_hf_folder
 
@@ -170,6 +172,41 @@ def test_eight_device_run_matches_one_device(tiny_dir, tmp_path):
     # visible steps, so params agree to a tolerance scaled by each tensor's size.
     jax.tree.map(lambda x, y: np.testing.assert_allclose(
         np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-4 * float(np.abs(y).max())), *results)
+
+
+def test_fsdp_step_gathers_weights_not_activations(tiny_dir, tmp_path):
+    """FSDP over 4 devices: the Adam state sits like the parameters, and the compiled step keeps
+    activations split by batch rows. Before, the moments came out of ``jit(tx.init)``
+    replicated and XLA split the layers' matmuls over the model width instead, all-reducing
+    activations of the whole batch in every layer."""
+    mesh_spec = "data=1,fsdp=4,tensor=1"
+    mesh = make_mesh(mesh_spec)
+    config = tiny_config(tiny_dir, tmp_path, mode="molf", batch_size=8, mesh=mesh_spec)
+    source = resolve_model(str(tiny_dir))
+    params, spec = build_params(config, source, mesh, rng=jax.random.key(0))
+    model = models.build_model(source.config, lora=spec, scan_layers=config.scan_layers,
+                               remat=config.remat)
+    trainable = is_trainable(config, target_linears(params))
+    tx, _ = build_optimizer(config, total_steps=4)
+    opt_state = on_mesh(jax.jit(tx.init)(split_tree(params, trainable)[0]), mesh)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        like_params = NamedSharding(mesh, param_spec(leaf.shape, mesh))
+        assert leaf.sharding.is_equivalent_to(like_params, leaf.ndim), \
+            (jax.tree_util.keystr(path), leaf.shape, leaf.sharding)
+
+    rows, length, width = 8, 32, source.config.hidden_size
+    ids = jax.device_put(np.ones((1, rows, length), np.int32), batch_sharding(mesh))
+    batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids, "step": np.int32(0)}
+    step = jit_train_step(make_train_step(model, tx, trainable=trainable, dropout=False),
+                          params, opt_state)
+    hlo = step.lower(params, opt_state, batch).compile().as_text()
+    activation = f"[{rows},{length},{width}]"
+    reduced = [line for line in hlo.splitlines()
+               if re.search(r"\sall-reduce(-start)?\(", line)
+               and activation in line.split(" all-reduce")[0]]
+    # At most the embedding lookup's (a table split over the vocabulary sums partial rows);
+    # the replicated layout had several per layer.
+    assert len(reduced) <= 1, reduced[:3]
 
 
 def run_cli(capsys, *args):
