@@ -1,4 +1,4 @@
-"""Training: the pure step, the four modes, mesh sharding, orbax checkpoints, the run loop.
+"""Training: the pure step, the five modes, mesh sharding, orbax checkpoints, the run loop.
 
 Example:
   >>> from molf_jax.train import TrainConfig, train

@@ -1,4 +1,4 @@
-"""The four training modes: which LoRA experts exist, which leaves train, which optimizer.
+"""The five training modes: which LoRA experts exist, which leaves train, which optimizer.
 
 =======  ===========================  ==================================  ====================
 mode     LoRA experts                 trainable                           optimizer
