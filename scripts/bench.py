@@ -107,8 +107,11 @@ def timed(fn, *args, repeat):
     return statistics.median(times), out
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """What the step is made of, before any array exists: the train config, the mesh, the model
+    config, the LoRA spec, ``build(attention, remat)`` for the model, ``initial_params()`` (placed
+    on the mesh) and the optimizer. scripts/collectives.py compiles the same step on abstract
+    arrays."""
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     config = TrainConfig(mode=args.mode, model=args.model, batch_size=args.batch,
                          lora_ranks=tuple(args.lora_ranks) if args.lora_ranks else None,
@@ -126,7 +129,6 @@ def main(argv=None):
                                   dtype=jnp.bfloat16, param_dtype=dtype[args.param_dtype],
                                   attention_impl=attention)
 
-    model = build(args.attention, args.remat)
     rule = param_sharding(mesh)
     base_model = models.build_model(model_config, scan_layers=args.scan,
                                     param_dtype=dtype[args.param_dtype])
@@ -143,28 +145,40 @@ def main(argv=None):
             lambda p, x: x + 1e-3 if str(getattr(p[-1], "key", "")) == "b" else x, params)
         return jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
 
-    params = initial_params()
-    trainable_fn = is_trainable(config, target_linears(params) if spec else set())
     tx, _ = build_optimizer(config.replace(mode="fft") if args.unrouted_optimizer else config,
                             total_steps=1000)
+    return config, mesh, model_config, spec, build, initial_params, tx
+
+
+def make_batch(args, vocab_size, mesh):
+    """Random token rows ``[1, batch, length]``, all real and all targets, split over the mesh."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab_size, (1, args.batch, args.length), dtype=np.int32)
+    sharding = batch_sharding(mesh)
+    return {"input_ids": jax.device_put(ids, sharding),
+            "attention_mask": jax.device_put(np.ones_like(ids), sharding),
+            "loss_mask": jax.device_put(np.ones_like(ids), sharding),
+            "step": np.int32(0)}
+
+
+def train_step(args, model, tx, trainable_fn, params, opt_state):
+    """The timed step: jitted, donating, keeping the shardings of ``params`` and ``opt_state``."""
+    return jit_train_step(make_train_step(model, tx, trainable=trainable_fn, dropout=False,
+                                          loss_chunk=args.loss_chunk, return_routing=False),
+                          params, opt_state)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config, mesh, model_config, spec, build, initial_params, tx = setup(args)
+    model = build(args.attention, args.remat)
+    params = initial_params()
+    trainable_fn = is_trainable(config, target_linears(params) if spec else set())
     trainable, frozen = split_tree(params, trainable_fn)
     opt_state = on_mesh(jax.jit(tx.init)(trainable), mesh)
     fresh_opt_state = jax.jit(tx.init)
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, model_config.vocab_size, (1, args.batch, args.length), dtype=np.int32)
-    sharding = batch_sharding(mesh)
-    batch = {"input_ids": jax.device_put(ids, sharding),
-             "attention_mask": jax.device_put(np.ones_like(ids), sharding),
-             "loss_mask": jax.device_put(np.ones_like(ids), sharding),
-             "step": np.int32(0)}
-
-    def step_for(m):
-        return jit_train_step(make_train_step(m, tx, trainable=trainable_fn, dropout=False,
-                                              loss_chunk=args.loss_chunk, return_routing=False),
-                              params, opt_state)
-
-    step = step_for(model)
+    batch = make_batch(args, model_config.vocab_size, mesh)
+    step = train_step(args, model, tx, trainable_fn, params, opt_state)
     compile_start = time.perf_counter()
     if args.dump_memory:
         step = step.lower(params, opt_state, batch).compile()
