@@ -438,3 +438,39 @@ def test_unsupported_dtype_is_reported(tmp_path):
     path = _write_gguf(_tiny_hf_model("qwen2"), "qwen2", tmp_path / "tiny.gguf")
     with pytest.raises(ValueError, match="float16"):
         convert_gguf_to_hf(path, tmp_path / "out", dtype="float16")
+
+
+class _PieceTokenizer:
+    """A stand-in tokenizer: whole words it knows become one id, others split per character."""
+
+    bos_token_id = 1
+
+    def __init__(self, vocab, *, whole_words=True, bos=True):
+        self.ids = {t: i for i, t in enumerate(vocab)}
+        self.whole_words, self.bos = whole_words, bos
+
+    def convert_tokens_to_ids(self, token):
+        return self.ids[token]
+
+    def __call__(self, text, add_special_tokens=True):
+        piece = "\u2581" + text.strip()
+        ids = [self.ids[piece]] if self.whole_words and piece in self.ids else \
+            [100 + ord(c) for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.bos else []) + ids}
+
+
+@pytest.mark.parametrize("whole_words,bos,error", [
+    (True, True, None),
+    (False, True, "splits 3 of 3 whole-word vocabulary tokens"),
+    (True, False, "does not start sequences with BOS"),
+])
+def test_tokenizer_check_catches_a_tokenizer_that_misreads_the_vocabulary(whole_words, bos, error):
+    from molf_jax.checkpoints.gguf import check_tokenizer
+
+    vocab = ["<pad>", "<bos>", "\u2581a", "\u2581which", "\u2581there", "\u2581passport", "ing"]
+    tokenizer = _PieceTokenizer(vocab, whole_words=whole_words, bos=bos)
+    if error is None:
+        check_tokenizer(tokenizer, vocab, add_bos=True, source=Path("m.gguf"))
+    else:
+        with pytest.raises(RuntimeError, match=error):
+            check_tokenizer(tokenizer, vocab, add_bos=True, source=Path("m.gguf"))

@@ -158,7 +158,10 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str
     _write_safetensors(out_dir / "model.safetensors", plan, family, dtype, gguf_path)
     config.save_pretrained(out_dir)
     _status(f"Writing the tokenizer of {gguf_path.name}")
-    _save_tokenizer(gguf_path, out_dir, config.model_type)
+    tokenizer = _save_tokenizer(gguf_path, out_dir, config.model_type)
+    check_tokenizer(tokenizer, _vocab_head(reader, 20_000),
+                    add_bos=bool(_metadata(reader, "tokenizer.ggml.add_bos_token", False)),
+                    source=gguf_path)
     _status(f"Wrote {out_dir}")
     return out_dir
 
@@ -376,7 +379,7 @@ def _qwen2_config(reader, common: dict, gguf_path: Path):
     )
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path, model_type: str) -> None:
+def _save_tokenizer(gguf_path: Path, out_dir: Path, model_type: str):
     try:
         from transformers import AutoTokenizer
 
@@ -391,3 +394,51 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, model_type: str) -> None:
             f"needs torch; install torch (the CPU build is enough): {err}"
         ) from err
     tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def _vocab_head(reader, n: int) -> list[str]:
+    """The first ``n`` vocabulary strings (decoding all 262k of Gemma's takes ~10 s)."""
+    field = reader.get_field("tokenizer.ggml.tokens")
+    if field is None:
+        return []
+    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data[:n]]
+
+
+# Word tokens sampled from the GGUF vocabulary for `check_tokenizer`.
+_WORD_PIECE = re.compile(r"^[\u2581\u0120][A-Za-z]{4,}$")  # "▁word" (SentencePiece), "Ġword" (BPE)
+
+
+def check_tokenizer(tokenizer, vocab: list[str], *, add_bos: bool, source: Path,
+                    sample: int = 32) -> None:
+    """Raises if the tokenizer transformers built does not reproduce the GGUF vocabulary.
+
+    Two checks: a BOS token comes first when the GGUF asks for one, and whole-word tokens of
+    the vocabulary (the first ``sample`` of the form ``▁word`` / ``Ġword``) encode to
+    themselves. transformers 5.17 failed both on Gemma 3 270M (it split " passport" into four
+    pieces and dropped BOS), and a model fine-tuned through such a tokenizer learns nothing
+    useful; 5.24 passes.
+    """
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids = tokenizer("a")["input_ids"]
+        if not ids or ids[0] != tokenizer.bos_token_id:
+            raise RuntimeError(_tokenizer_message(source, "does not start sequences with BOS, "
+                                                          "which the GGUF asks for"))
+    words = [t for t in vocab if _WORD_PIECE.match(t)][:sample]
+    broken = []
+    for token in words:
+        ids = tokenizer(" " + token[1:], add_special_tokens=False)["input_ids"]
+        if ids != [tokenizer.convert_tokens_to_ids(token)]:
+            broken.append(f"{token!r} -> {ids}")
+    if words and len(broken) > len(words) // 5:
+        raise RuntimeError(_tokenizer_message(
+            source, f"splits {len(broken)} of {len(words)} whole-word vocabulary tokens "
+                    f"(e.g. {broken[0]})"))
+
+
+def _tokenizer_message(source: Path, what: str) -> str:
+    import transformers
+
+    return (f"{source}: the tokenizer transformers {transformers.__version__} built from the GGUF "
+            f"{what}; this transformers version reads this GGUF's tokenizer wrongly (5.24 reads "
+            "Gemma 3 correctly): upgrade transformers, or copy a tokenizer.json made elsewhere")
