@@ -118,12 +118,9 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
     """
     def place(x):
         sharding = getattr(x, "sharding", None)
-        if (isinstance(sharding, NamedSharding) and sharding.mesh == mesh
-                and not sharding.is_fully_replicated):
-            return x
         target = NamedSharding(mesh, param_spec(tuple(np.shape(x)), mesh))
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh and \
-                target.is_fully_replicated:
+        on_this_mesh = isinstance(sharding, NamedSharding) and sharding.mesh == mesh
+        if on_this_mesh and (not sharding.is_fully_replicated or target.is_fully_replicated):
             return x
         return jax.device_put(x, target)
 

@@ -147,7 +147,7 @@ def jit_train_step(step_fn: Callable, params: Any, opt_state: Any) -> Callable:
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     mesh = mesh_of(params)
 
-    @functools.wraps(step_fn)  # keeps the name (jit_train_step in HLO dumps and profiles)
+    @functools.wraps(step_fn)  # keeps the step's own name (train_step) in HLO dumps and profiles
     def step_on_mesh(*args):
         with tracing_mesh(mesh):
             return step_fn(*args)
