@@ -79,6 +79,11 @@ class LoraSpec:
       rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.
       dropout: dropout rate on the LoRA input only (one mask shared by the experts of a module,
         as in ``dropout(x) @ a_i`` of DESIGN.md); the base path never sees dropout.
+      merged: under differentiation and without active dropout, compute a target linear as
+        ``x @ (kernel + sum_i s_i a_i b_i)`` and take the experts' gradients from the kernel's
+        (``molf_jax.models.merged_lora``). Same gradients, much cheaper when the kernel trains
+        too (MoLF's FFT expert); wasteful when it is frozen, since the kernel's gradient is
+        then computed only to be dropped.
 
     Example:
       >>> spec = LoraSpec(experts=(LoraExpert(16, 32), LoraExpert(128, 256)))
@@ -90,6 +95,7 @@ class LoraSpec:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rslora: bool = True
     dropout: float = 0.05
+    merged: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "experts", tuple(self.experts))

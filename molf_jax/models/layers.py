@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molf_jax.lora import LoraSpec, lora_a_init
+from molf_jax.models.merged_lora import merged_lora_linear
 
 __all__ = [
     "Attention",
@@ -118,6 +119,10 @@ class LoraLinear(nn.Module):
       lora: the LoRA spec, or None for a plain linear.
       deterministic: no dropout when True; otherwise the ``'dropout'`` rng drives it.
       dtype: compute dtype. param_dtype: storage dtype of the parameters.
+      rematerialised: the enclosing layer is fully rematerialised (remat 'full': its forward
+        runs again right before its backward), so what the linear keeps for its backward lives
+        for one layer only; the merged path (``LoraSpec.merged``) then keeps its merged kernel
+        instead of rebuilding it.
     """
 
     features: int
@@ -126,25 +131,45 @@ class LoraLinear(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    rematerialised: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
         kernel = self.param("kernel", default_init, (fan_in, self.features), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+                if self.use_bias else None)
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
         if self.lora is None or not self.lora.matches("/".join(self.path)):
-            return y
-        if self.lora.dropout > 0.0 and not self.deterministic:
+            return _add_bias(jnp.dot(x, kernel), bias, self.dtype)
+        pairs = [_LoraPair(fan_in, expert.rank, self.features, self.param_dtype,
+                           name=f"lora_{i}")() for i, expert in enumerate(self.lora.experts, 1)]
+        a = tuple(a_i.astype(self.dtype) for a_i, _ in pairs)
+        b = tuple(b_i.astype(self.dtype) for _, b_i in pairs)
+        dropout = self.lora.dropout > 0.0 and not self.deterministic
+        if self.lora.merged and not dropout:
+            y = merged_lora_linear(x, kernel, a, b, self.lora.scales, self.rematerialised)
+            return _add_bias(y, bias, self.dtype)
+        y = _add_bias(jnp.dot(x, kernel), bias, self.dtype)
+        if dropout:
             x = nn.Dropout(self.lora.dropout, deterministic=False)(x)
-        for i, (expert, scale) in enumerate(zip(self.lora.experts, self.lora.scales), start=1):
-            a, b = _LoraPair(fan_in, expert.rank, self.features, self.param_dtype,
-                             name=f"lora_{i}")()
-            y = y + scale * jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
-        return y
+        return y + _experts_delta(x, a, b, self.lora.scales)
+
+
+def _add_bias(y, bias, dtype):
+    return y if bias is None else y + bias.astype(dtype)
+
+
+def _experts_delta(x, a, b, scales):
+    """``sum_i s_i (x a_i) b_i``; several experts go through one ``x [a_1 .. a_E]`` and one
+    ``[s_1 b_1; ..; s_E b_E]`` product (the same sum), so the input is read and a ``[.., out]``
+    result written once per linear rather than once per expert."""
+    if len(a) == 1:
+        return scales[0] * jnp.dot(jnp.dot(x, a[0]), b[0])
+    h = jnp.dot(x, jnp.concatenate(a, axis=1))
+    column_scales = np.repeat(np.asarray(scales, np.float32), [a_i.shape[1] for a_i in a])
+    return jnp.dot(h * column_scales.astype(h.dtype), jnp.concatenate(b, axis=0))
 
 
 class _LoraPair(nn.Module):
@@ -170,12 +195,13 @@ class GatedMLP(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    rematerialised: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         def linear(features, name):
             return LoraLinear(features, False, self.lora, self.deterministic, self.dtype,
-                              self.param_dtype, name=name)
+                              self.param_dtype, self.rematerialised, name=name)
 
         gate = linear(self.intermediate_size, "gate_proj")(x)
         up = linear(self.intermediate_size, "up_proj")(x)
@@ -221,6 +247,7 @@ class Attention(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    rematerialised: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: dict, local, cache: dict | None):
@@ -228,7 +255,7 @@ class Attention(nn.Module):
 
         def linear(features, bias, name):
             return LoraLinear(features, bias, self.lora, self.deterministic, self.dtype,
-                              self.param_dtype, name=name)
+                              self.param_dtype, self.rematerialised, name=name)
 
         q = linear(self.num_heads * self.head_dim, self.qkv_bias, "q_proj")(x)
         k = linear(self.num_kv_heads * self.head_dim, self.qkv_bias, "k_proj")(x)
@@ -289,6 +316,7 @@ class DecoderBlock(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    rematerialised: bool = False
 
     def local_flag(self, layer: dict):
         return self.is_local if self.is_local is not None else layer["local"]
@@ -305,12 +333,13 @@ class DecoderBlock(nn.Module):
             qk_norm=qk_norm, norm_eps=c.rms_norm_eps, window=c.sliding_window,
             attention_impl=self.attention_impl, lora=self.lora,
             deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="self_attn")
+            rematerialised=self.rematerialised, name="self_attn")
 
     def mlp(self) -> GatedMLP:
         c = self.config
         return GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, self.lora,
-                        self.deterministic, self.dtype, self.param_dtype, name="mlp")
+                        self.deterministic, self.dtype, self.param_dtype, self.rematerialised,
+                        name="mlp")
 
 
 def head_scale(value: float) -> float:

@@ -283,7 +283,9 @@ class CausalLM(nn.Module):
                              prevent_cse=not self.scan_layers)
         kwargs = dict(config=c, lora=self.lora, deterministic=deterministic,
                       attention_impl=self.attention_impl, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+                      param_dtype=self.param_dtype,
+                      # dots_saveable would keep the merged LoRA kernels as saved matmul results
+                      rematerialised=self.remat == "full")
         flags = c.layer_is_local
         if not self.scan_layers:
             stack = _LayerStack(block, flags, tuple(kwargs.items()), name="layers")
