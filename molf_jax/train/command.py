@@ -73,6 +73,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                    help="unroll the layers (default: one scanned block, faster to compile)")
     g.add_argument("--loss-chunk", type=int, default=d.loss_chunk)
+    g.add_argument("--no-merged-lora", dest="merged_lora", action="store_false",
+                   help="molf/molf_gate: keep the factored LoRA products in training steps")
     g.add_argument("--mesh", default=d.mesh, help="axis sizes, e.g. data=1,fsdp=-1,tensor=1")
 
     g = p.add_argument_group("logging and checkpoints")

@@ -49,6 +49,9 @@ class TrainConfig:
       warmup_ratio, schedule: learning-rate shape shared by both groups.
       max_length: longest example in tokens; overflow: 'drop' or 'truncate_left'.
       param_dtype, state_dtype, compute_dtype, remat, scan_layers, loss_chunk: numerics/memory.
+      merged_lora: in modes whose base kernels train (molf, molf_gate), run each target linear
+        as one matmul with the merged kernel and take the experts' gradients from the kernel's
+        (same gradients, fewer FLOPs; ``LoraSpec.merged``). Inactive while LoRA dropout is on.
       mesh: 'data=1,fsdp=-1,tensor=1' style axis sizes (-1: all remaining devices).
       out_dir, save_every, keep_checkpoints, log_every, routing_log_every, tensorboard, resume.
       max_nonfinite: stop after this many non-finite losses in a row (each one skips its step).
@@ -92,6 +95,7 @@ class TrainConfig:
     remat: str = "none"
     scan_layers: bool = True
     loss_chunk: int = 1024
+    merged_lora: bool = True
 
     mesh: str = "data=1,fsdp=-1,tensor=1"
     out_dir: str = "runs/molf"

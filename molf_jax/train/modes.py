@@ -28,7 +28,7 @@ import optax
 from molf_jax.lora import LoraExpert, LoraSpec
 from molf_jax.routing import (default_no_decay, label_lora_experts, molf_adamw, molf_gate,
                               path_to_str)
-from molf_jax.train.config import TrainConfig
+from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig
 
 __all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer"]
 
@@ -41,7 +41,8 @@ def lora_spec(config: TrainConfig) -> LoraSpec | None:
         return None
     experts = tuple(LoraExpert(r, a) for r, a in zip(config.ranks, config.alphas))
     return LoraSpec(experts=experts, targets=tuple(config.lora_targets), rslora=config.rslora,
-                    dropout=config.lora_dropout)
+                    dropout=config.lora_dropout,
+                    merged=config.merged_lora and config.mode in FFT_EXPERT_MODES)
 
 
 def is_lora_path(path: str) -> bool:
