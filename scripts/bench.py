@@ -5,7 +5,8 @@ the step (the optimizer update timed alone on the same trees), the routing overh
 optimizer minus plain AdamW on the same leaves), tokens/s, peak device memory, and model FLOPs
 utilisation against 790 TFLOP/s (bf16 matrix rate measured on an H200). One JSON per run goes
 to --out (default bench_results/). Also checks that the first step's loss equals the same step
-without the speed options (XLA attention, no remat).
+without the speed options (XLA attention, no remat, factored LoRA products), and records the
+same loss in float32.
 
 Example (one H200):
   python scripts/bench.py --model qwen2.5-1.5b --mode molf --batch 8 --length 512
@@ -14,7 +15,9 @@ Example (one H200):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 from molf_jax import models
 from molf_jax.train import TrainConfig, build_optimizer, is_trainable, make_train_step, split_tree
 from molf_jax.train.config import MODES, ROUTED_MODES
+from molf_jax.train.loss import next_token_loss_sum
 from molf_jax.train.step import jit_train_step
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
 from molf_jax.train.modes import lora_spec
@@ -52,13 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--state-dtype", default="bfloat16")
     p.add_argument("--remat", default="full")
     p.add_argument("--no-scan", dest="scan", action="store_false")
-    # cuDNN attention on one GPU; on a mesh its custom partitioner failed under FSDP on 4 H200s
-    # (IndivisibleError, jax 0.11.2), so several devices default to XLA attention.
     p.add_argument("--attention", choices=("cudnn", "xla"),
-                   default="cudnn" if jax.default_backend() == "gpu" and jax.device_count() == 1
-                   else "xla")
+                   default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--loss-chunk", type=int, default=2048)
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
+    p.add_argument("--no-merged-lora", dest="merged_lora", action="store_false",
+                   help="ablation: molf with the factored LoRA products (TrainConfig.merged_lora)")
     p.add_argument("--unrouted-optimizer", action="store_true",
                    help="ablation: molf/molfe params, but plain AdamW (no routing)")
     p.add_argument("--tag", default="")
@@ -118,14 +121,17 @@ def setup(args):
                          train_embeddings_norms=args.train_embeddings_norms,
                          param_dtype=args.param_dtype, state_dtype=args.state_dtype,
                          compute_dtype="bfloat16", remat=args.remat, scan_layers=args.scan,
-                         loss_chunk=args.loss_chunk, mesh=args.mesh, lora_dropout=0.0)
+                         loss_chunk=args.loss_chunk, mesh=args.mesh, lora_dropout=0.0,
+                         merged_lora=args.merged_lora)
     mesh = make_mesh(config.mesh)
     overrides = {} if args.layers is None else {"num_layers": args.layers, "layer_types": ()}
     model_config = models.preset(args.model, **overrides)
     spec = lora_spec(config)
 
-    def build(attention, remat):
-        return models.build_model(model_config, lora=spec, scan_layers=args.scan, remat=remat,
+    def build(attention, remat, merged=True):
+        """The model; ``merged=False`` keeps the factored LoRA products whatever the spec says."""
+        lora = spec if spec is None or merged else dataclasses.replace(spec, merged=False)
+        return models.build_model(model_config, lora=lora, scan_layers=args.scan, remat=remat,
                                   dtype=jnp.bfloat16, param_dtype=dtype[args.param_dtype],
                                   attention_impl=attention)
 
@@ -168,6 +174,27 @@ def train_step(args, model, tx, trainable_fn, params, opt_state):
                           params, opt_state)
 
 
+def float32_loss(args, model_config, spec, params, batch) -> float:
+    """The first step's loss in float32 (params, compute, factored LoRA): the value that the
+    bf16 runs round differently."""
+    lora = spec if spec is None else dataclasses.replace(spec, merged=False)
+    model = models.build_model(model_config, lora=lora, scan_layers=args.scan, remat="full",
+                               dtype=jnp.float32, param_dtype=jnp.float32)
+
+    @jax.jit
+    def loss(params, ids, mask, loss_mask):
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        hidden = model.apply({"params": params}, ids, mask, return_hidden=True)
+        total, count = next_token_loss_sum(hidden, models.output_kernel(params, model_config),
+                                           ids, loss_mask, chunk=args.loss_chunk,
+                                           softcap=getattr(model_config,
+                                                           "final_logit_softcapping", None))
+        return total / count
+
+    return float(loss(params, batch["input_ids"][0], batch["attention_mask"][0],
+                      batch["loss_mask"][0]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     config, mesh, model_config, spec, build, initial_params, tx = setup(args)
@@ -204,7 +231,7 @@ def main(argv=None):
     grads = jax.tree.map(lambda x: (x * 1e-3).astype(x.dtype), trainable)
 
     def opt_time(optimizer):
-        state = jax.jit(optimizer.init)(trainable)
+        state = on_mesh(jax.jit(optimizer.init)(trainable), mesh)  # laid out as in the step
 
         @jax.jit
         def update(p, s, g):
@@ -220,15 +247,16 @@ def main(argv=None):
         routing_s = optimizer_s - opt_time(plain_tx)
     n_params, n_train = count_params(params), count_params(trainable)
 
-    first_loss_plain = None
+    first_loss_plain = first_loss_float32 = None
     if args.check:
         del params, opt_state, trainable, frozen, grads
         params = initial_params()
         state = fresh_opt_state(split_tree(params, trainable_fn)[0])
-        plain = jax.jit(make_train_step(build("xla", "none"), tx, trainable=trainable_fn,
+        plain = jax.jit(make_train_step(build("xla", "none", merged=False), tx, trainable=trainable_fn,
                                         dropout=False, loss_chunk=args.loss_chunk,
                                         return_routing=False))
         first_loss_plain = float(plain(params, state, batch)[2]["loss"])
+        first_loss_float32 = float32_loss(args, model_config, spec, params, batch)
     tokens = args.batch * args.length
     # Model FLOPs: forward 2N per token; backward 2N for activations plus 2N_trainable for
     # weight gradients; attention scores and values (causal: half) likewise.
@@ -238,12 +266,15 @@ def main(argv=None):
     result = {
         "model": args.model, "mode": args.mode, "tag": args.tag,
         "unrouted_optimizer": args.unrouted_optimizer,
+        "merged_lora": bool(spec and spec.merged),
         "ranks": list(config.ranks), "batch": args.batch, "length": args.length,
         "param_dtype": args.param_dtype, "state_dtype": args.state_dtype,
         "remat": args.remat, "scan_layers": args.scan, "attention": args.attention,
+        "loss_chunk": args.loss_chunk,
         "train_embeddings_norms": args.train_embeddings_norms,
         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
         "mesh": dict(mesh.shape), "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "params": n_params, "trainable_params": n_train,
         "step_s": step_s, "step_s_all": times, "compile_s": compile_s,
         "optimizer_s": optimizer_s, "optimizer_share": optimizer_s / step_s,
@@ -254,6 +285,7 @@ def main(argv=None):
         "peak_gib": None if peak is None else peak / 2**30,
         "mfu": flops_per_token * tokens / step_s / (PEAK_FLOPS * jax.device_count()),
         "first_loss": first_loss, "first_loss_plain": first_loss_plain,
+        "first_loss_float32": first_loss_float32,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
