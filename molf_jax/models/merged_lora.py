@@ -5,8 +5,9 @@ With ``W' = W + sum_i s_i a_i b_i`` the layer is ``y = x W'``, so the kernel's g
 ``G = x^T dy`` and, by the chain rule through ``W'``, every expert's gradients follow from it:
 ``da_i = s_i G b_i^T`` and ``db_i = s_i a_i^T G``. MoLF's FFT expert computes ``G`` anyway, so the
 LoRA experts cost a few ``[in, r] x [r, out]`` products per step (independent of the number of
-tokens) instead of four token-sized skinny matmuls per expert in each of the forward, remat and
-backward passes. The gradients are exact; only bf16 rounding differs from the factored form.
+tokens) instead of token-sized skinny matmuls (two per expert in each forward pass, four in the
+backward pass). The gradients are exact; only bf16 rounding differs from the factored form.
+Qwen2.5-1.5B molf on an H200: 29.1k -> 31.5k tokens/s (README, "Speed on an H200").
 
 Used only under differentiation: evaluated plainly (evaluation, decoding) the function is the
 factored ``x W + sum_i s_i (x a_i) b_i``, which is cheaper when there are few tokens. LoRA
@@ -54,9 +55,9 @@ def merged_lora_linear(x: jax.Array, kernel: jax.Array, a: tuple[jax.Array, ...]
 
 
 def _merged_kernel(kernel, a, b, scales):
-    """``kernel + [s_1 a_1 .. s_E a_E] [b_1; ..; b_E]``: one product in the compute dtype plus
-    the kernel, a form XLA's GPU GEMM rewriter can fuse (the kernel as the GEMM's addend), so a
-    merge reads and writes the weight about once."""
+    """``kernel + [s_1 a_1 .. s_E a_E] [b_1; ..; b_E]``: one product for all experts, added to
+    the kernel in the compute dtype (the shape of a GEMM with an addend, which XLA's GPU GEMM
+    rewriter can fuse, rather than a float32 product and a separate cast)."""
     scaled_a = jnp.concatenate([s_i * a_i for a_i, s_i in zip(a, scales)], axis=1)
     return kernel + jnp.dot(scaled_a, jnp.concatenate(b, axis=0))
 
