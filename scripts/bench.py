@@ -128,11 +128,13 @@ def setup(args):
     model_config = models.preset(args.model, **overrides)
     spec = lora_spec(config)
 
-    def build(attention, remat, merged=True):
-        """The model; ``merged=False`` keeps the factored LoRA products whatever the spec says."""
+    def build(attention, remat, merged=True, float32=False):
+        """The model; ``merged=False`` keeps the factored LoRA products whatever the spec says,
+        ``float32`` computes and stores parameters in float32."""
         lora = spec if spec is None or merged else dataclasses.replace(spec, merged=False)
         return models.build_model(model_config, lora=lora, scan_layers=args.scan, remat=remat,
-                                  dtype=jnp.bfloat16, param_dtype=dtype[args.param_dtype],
+                                  dtype=jnp.float32 if float32 else jnp.bfloat16,
+                                  param_dtype=jnp.float32 if float32 else dtype[args.param_dtype],
                                   attention_impl=attention)
 
     rule = param_sharding(mesh)
@@ -174,12 +176,10 @@ def train_step(args, model, tx, trainable_fn, params, opt_state):
                           params, opt_state)
 
 
-def float32_loss(args, model_config, spec, params, batch) -> float:
+def float32_loss(args, model_config, build, params, batch) -> float:
     """The first step's loss in float32 (params, compute, factored LoRA): the value that the
     bf16 runs round differently."""
-    lora = spec if spec is None else dataclasses.replace(spec, merged=False)
-    model = models.build_model(model_config, lora=lora, scan_layers=args.scan, remat="full",
-                               dtype=jnp.float32, param_dtype=jnp.float32)
+    model = build("xla", "none", merged=False, float32=True)
 
     @jax.jit
     def loss(params, ids, mask, loss_mask):
@@ -256,7 +256,7 @@ def main(argv=None):
                                         dropout=False, loss_chunk=args.loss_chunk,
                                         return_routing=False))
         first_loss_plain = float(plain(params, state, batch)[2]["loss"])
-        first_loss_float32 = float32_loss(args, model_config, spec, params, batch)
+        first_loss_float32 = float32_loss(args, model_config, build, params, batch)
     tokens = args.batch * args.length
     # Model FLOPs: forward 2N per token; backward 2N for activations plus 2N_trainable for
     # weight gradients; attention scores and values (causal: half) likewise.

@@ -14,14 +14,13 @@ import jax.numpy as jnp
 from molf_jax.checkpoints import save_hf
 from molf_jax.checkpoints.peft import save_peft_adapter
 from molf_jax.lora import LoraSpec, lora_paths
-from molf_jax.routing import path_to_str
 from molf_jax.train.checkpoint import RunCheckpointer
 from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig
 from molf_jax.train.mesh import make_mesh
 from molf_jax.train.modes import build_optimizer, is_lora_path, is_trainable
 from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
                                   target_linears)
-from molf_jax.train.trees import join_trees, split_tree
+from molf_jax.train.trees import join_trees, split_tree, tree_paths
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 
@@ -96,8 +95,7 @@ def adapter_refusal(run: Any) -> str | None:
     if run.lora is None or not lora_paths(run.params):
         return f"the {run.mode} run's parameters hold no LoRA leaves"
     trains = is_trainable(run.config, target_linears(run.params))
-    moved = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.params)[0]]
-    moved = [p for p in moved if trains(p) and not is_lora_path(p)]
+    moved = [p for p in tree_paths(run.params) if trains(p) and not is_lora_path(p)]
     if moved:
         reason = (f"{run.mode} trains the base kernels (its FFT expert)"
                   if run.mode in FFT_EXPERT_MODES else

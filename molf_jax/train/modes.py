@@ -56,7 +56,7 @@ def is_trainable(config: TrainConfig, target_linears: set[str]) -> Callable[[str
       target_linears: module paths that carry LoRA experts (their kernel and bias are the base
         that MoLF-Efficient freezes).
     """
-    if config.mode in ("fft", "molf", "molf_gate"):
+    if config.mode == "fft" or config.mode in FFT_EXPERT_MODES:
         return lambda path: True
     if config.mode == "lora" or not config.train_embeddings_norms:
         return is_lora_path
