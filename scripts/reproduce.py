@@ -143,6 +143,7 @@ def run_job(job: Job, out_dir: Path) -> dict[str, Any]:
     from molf_jax.data import load_task
     from molf_jax.eval import evaluate_task
     from molf_jax.lora import merge_lora
+    from molf_jax.run_dir import RunDir
     from molf_jax.train import TrainConfig, train
     from molf_jax.train.export import load_run
     from molf_jax.train.setup import build_params, load_tokenizer, resolve_model
@@ -177,7 +178,7 @@ def run_job(job: Job, out_dir: Path) -> dict[str, Any]:
                    tokens=summary.tokens, train_seconds=summary.seconds,
                    trainable_params=summary.trainable_params,
                    skipped_steps=summary.skipped_steps)
-        logged = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+        logged = [json.loads(line) for line in open(RunDir(run_dir).metrics)]
         row["train_loss"] = _mean_of(logged, "loss", last=max(1, size.steps // 10))
         row["fft_fraction"] = _mean_of(logged, "fft_fraction")
         row["expert_fraction"] = _mean_of(logged, "expert_fraction")
@@ -188,7 +189,7 @@ def run_job(job: Job, out_dir: Path) -> dict[str, Any]:
         params = merge_lora(run.params, run.lora) if run.lora else run.params
         params = jax.device_put(params, jax.devices()[0])
         tokenizer, model_config = run.tokenizer, run.model_config
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunDir(run_dir).checkpoints, ignore_errors=True)
 
     model = models.build_model(model_config, scan_layers=config.scan_layers)
     records = load_task(job.task, "offline", size=size.task_size, seed=job.seed).eval

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from molf_jax.run_dir import RunDir
+
 __all__ = ["RunCheckpointer", "ResumeError"]
 
 
@@ -32,7 +34,7 @@ class RunCheckpointer:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+        self.directory = os.path.abspath(RunDir(out_dir).checkpoints)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,

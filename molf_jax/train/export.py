@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from molf_jax.checkpoints import save_hf
 from molf_jax.checkpoints.peft import save_peft_adapter
+from molf_jax.run_dir import RunDir
 from molf_jax.lora import LoraSpec, lora_paths
 from molf_jax.train.checkpoint import RunCheckpointer
 from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig
@@ -62,7 +63,7 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
       >>> export_artifacts(load_run("runs/lora"), "runs/lora")   # doctest: +SKIP
       ({'merged': PosixPath('runs/lora/merged'), 'adapter': PosixPath('runs/lora/adapter')}, None)
     """
-    run_dir = Path(run_dir)
+    run_dir = RunDir(run_dir)
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
     storage = None if dtype is None else jnp.dtype(dtype)
@@ -72,13 +73,13 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
 
     params = jax.device_get(run.params)
     written = {"merged": save_hf(
-        Path(merged_dir) if merged_dir is not None else run_dir / "merged", params,
+        Path(merged_dir) if merged_dir is not None else run_dir.merged, params,
         run.model_config, lora=run.lora, source_dir=run.source_dir,
         tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage)}
     if refusal is None:
         base = str(run.source_dir) if run.source_dir is not None else str(run.config.model)
         written["adapter"] = save_peft_adapter(
-            Path(adapter_dir) if adapter_dir is not None else run_dir / "adapter", params,
+            Path(adapter_dir) if adapter_dir is not None else run_dir.adapter, params,
             run.model_config, run.lora, base_model_name_or_path=base, dtype=storage)
     return written, refusal
 
@@ -112,11 +113,8 @@ def load_run(run_dir) -> RunArtifacts:
       >>> run = load_run("runs/molf")                                 # doctest: +SKIP
       >>> run.params["layers"]["0"]["self_attn"]["q_proj"]["lora_1"]["a"].shape
     """
-    run_dir = Path(run_dir)
-    config_path = run_dir / "run_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: no run_config.json")
-    raw = json.loads(config_path.read_text())
+    run_dir = RunDir(run_dir).require()
+    raw = json.loads(run_dir.config.read_text())
     for key in ("lora_ranks", "lora_alpha", "lora_targets"):
         if raw.get(key) is not None:
             raw[key] = tuple(raw[key])

@@ -14,7 +14,6 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 
 from molf_jax import models
 from molf_jax.data import BatchIterator, encode_records, load_task
+from molf_jax.run_dir import RunDir
 from molf_jax.routing import label_lora_experts, routing_table
 from molf_jax.train.checkpoint import RunCheckpointer
 from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
@@ -124,8 +124,8 @@ def train(config: TrainConfig) -> RunSummary:
       >>> summary = train(TrainConfig(mode="molf", model="qwen2.5-0.5b", steps=10))  # doctest: +SKIP
     """
     initialize_distributed()
-    run_dir = Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(config.out_dir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
     rows_divisor = batch_divisor(mesh)
     if config.batch_size % rows_divisor:
@@ -163,7 +163,7 @@ def train(config: TrainConfig) -> RunSummary:
     elif checkpointer.latest_step() is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
                           "that run or choose another --out-dir")
-    (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    run_dir.config.write_text(json.dumps(config.to_dict(), indent=1))
 
     routed = config.mode in ROUTED_MODES
     log = RunLog(run_dir, tensorboard=config.tensorboard)
@@ -283,7 +283,7 @@ def train(config: TrainConfig) -> RunSummary:
         written, note = export_artifacts(run, run_dir)
         summary.merged_dir = str(written["merged"])
         summary.adapter_dir = str(written["adapter"]) if "adapter" in written else None
-    (run_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
+    run_dir.summary.write_text(json.dumps(dataclasses.asdict(summary), indent=1))
     _print_summary(summary)
     return summary
 

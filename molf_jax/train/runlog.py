@@ -1,6 +1,6 @@
-"""What a run writes for people and plots: metrics.jsonl, routing.jsonl, TensorBoard events.
+"""What a run writes for people and plots: metrics, routing, TensorBoard events.
 
-Files in the run directory:
+Files in the run directory (named by `molf_jax.run_dir.RunDir`):
 
 * ``metrics.jsonl``: one object per logging interval: step, loss (mean over the interval's
   finished steps), lr_fft, lr_lora, grad_norm, tokens_per_s, skipped (non-finite steps so far),
@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from molf_jax.run_dir import RunDir
 
 __all__ = ["RunLog"]
 
@@ -28,9 +29,9 @@ class RunLog:
     """Appends JSON lines (and optional TensorBoard scalars) under a run directory."""
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.run_dir = RunDir(run_dir)
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir.metrics, "a", buffering=1)
         self._routing = None
         self._tb = None
         if tensorboard:
@@ -39,13 +40,13 @@ class RunLog:
             except ImportError as err:
                 raise RuntimeError("--tensorboard needs the tensorboardX package: pip install "
                                    "'molf_jax[tensorboard]'") from err
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.run_dir.tensorboard))
 
     def write_routing_table(self, module_names, expert_labels, valid: np.ndarray) -> None:
-        with open(self.run_dir / "routing_modules.json", "w") as f:
+        with open(self.run_dir.routing_table, "w") as f:
             json.dump({"modules": list(module_names), "experts": list(expert_labels),
                        "valid": np.asarray(valid).astype(bool).tolist()}, f)
-        self._routing = open(self.run_dir / "routing.jsonl", "a", buffering=1)
+        self._routing = open(self.run_dir.routing, "a", buffering=1)
 
     def metrics(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(_plain(row)) + "\n")

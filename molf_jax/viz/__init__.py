@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 # Reading a run directory's logs.
+from molf_jax.run_dir import RunDir
 from molf_jax.viz._runlog import RoutingLog, RunRecord, layer_of, projection_of, read_run
 
 # Figures (matplotlib Figure objects, fixed pixel sizes).
@@ -57,7 +58,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
       >>> paths = plot_run("runs/molfe", "figures")   # doctest: +SKIP
     """
     record = read_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else record.run_dir / "plots"
+    out = Path(out_dir) if out_dir is not None else RunDir(record.run_dir).plots
     figures = []
     if record.routing is not None:
         figures += [(FILES["fraction"], fraction_figure(record)),

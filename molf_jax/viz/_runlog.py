@@ -1,6 +1,6 @@
 """Reading a run directory's logs (written by ``molf_jax.train``) into arrays for plotting.
 
-Files read, all under the run directory:
+Files read, all under the run directory (named by `molf_jax.run_dir.RunDir`):
 
 * ``run_config.json``: the TrainConfig as a dict (mode, model, task, ...).
 * ``metrics.jsonl``: one object per logging interval with at least ``step`` and ``loss``
@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from molf_jax.run_dir import RunDir
 from molf_jax.train.config import ROUTED_MODES
 
 __all__ = ["RoutingLog", "RunRecord", "layer_of", "projection_of", "read_run"]
@@ -104,18 +105,18 @@ def read_run(run_dir: str | os.PathLike) -> RunRecord:
       >>> record.routing.winners.shape     # doctest: +SKIP
       (100, 168, 2)
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
-    config = _read_json(run_dir / "run_config.json")
+    files = RunDir(run_dir)
+    if not files.path.is_dir():
+        raise FileNotFoundError(f"{files.path}: no such run directory")
+    config = _read_json(files.config)
     if not isinstance(config, dict):
-        raise ValueError(f"{run_dir / 'run_config.json'}: expected a JSON object")
-    steps, loss = _read_metrics(run_dir / "metrics.jsonl")
+        raise ValueError(f"{files.config}: expected a JSON object")
+    steps, loss = _read_metrics(files.metrics)
     routing = None
     routed = config.get("mode") in ROUTED_MODES
-    if routed or (run_dir / "routing_modules.json").exists():
-        routing = _read_routing(run_dir)
-    return RunRecord(run_dir, config, steps, loss, routing)
+    if routed or files.routing_table.exists():
+        routing = _read_routing(files)
+    return RunRecord(files.path, config, steps, loss, routing)
 
 
 def projection_of(module: str) -> str:
@@ -199,8 +200,8 @@ def _last_per_step(steps: list[int]) -> np.ndarray:
     return np.asarray([last[step] for step in sorted(last)], np.int64)
 
 
-def _read_routing(run_dir: Path) -> RoutingLog:
-    table_path = run_dir / "routing_modules.json"
+def _read_routing(files: RunDir) -> RoutingLog:
+    table_path = files.routing_table
     table = _read_json(table_path)
     try:
         modules = tuple(str(m) for m in table["modules"])
@@ -217,7 +218,7 @@ def _read_routing(run_dir: Path) -> RoutingLog:
     for module in modules:
         layer_of(module)
 
-    log_path = run_dir / "routing.jsonl"
+    log_path = files.routing
     if not log_path.is_file():
         raise _missing(log_path)
     if log_path.stat().st_size == 0:

@@ -1,0 +1,66 @@
+"""The one place that names the files of a run directory.
+
+``molf-jax train`` writes a run directory; the plotter, ``molf-jax export`` and
+``scripts/reproduce.py`` read it. Every one of them asks `RunDir` for a path, so a file is
+renamed here and nowhere else.
+
+Example:
+  >>> run = RunDir("runs/molf")
+  >>> run.metrics.name, run.merged.name
+  ('metrics.jsonl', 'merged')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+__all__ = ["RunDir"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The files of one run directory.
+
+    Attributes:
+      path: the directory itself.
+      config: ``run_config.json``, the `TrainConfig` as a dict (written first).
+      summary: ``summary.json``, the `RunSummary` of a finished run.
+      metrics: ``metrics.jsonl``, one object per logging interval.
+      routing_table: ``routing_modules.json``, module rows, expert columns, valid cells.
+      routing: ``routing.jsonl``, per logged step each module's winners and scores.
+      tensorboard: ``tensorboard/``, event files when ``--tensorboard`` is on.
+      checkpoints: ``checkpoints/``, orbax steps of the trainable leaves and optimizer state.
+      merged: ``merged/``, the HF folder with the experts folded in.
+      adapter: ``adapter/``, the PEFT adapter (lora and molfe runs with a frozen base).
+      plots: ``plots/``, the PNGs of ``molf-jax plot``.
+    """
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    config = property(lambda self: self.path / "run_config.json")
+    summary = property(lambda self: self.path / "summary.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    routing_table = property(lambda self: self.path / "routing_modules.json")
+    routing = property(lambda self: self.path / "routing.jsonl")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    merged = property(lambda self: self.path / "merged")
+    adapter = property(lambda self: self.path / "adapter")
+    plots = property(lambda self: self.path / "plots")
+
+    def require(self) -> RunDir:
+        """Returns self, or raises FileNotFoundError when no run was started here."""
+        if not self.config.is_file():
+            raise FileNotFoundError(f"{self.path} is not a run directory: no {self.config.name}")
+        return self
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
