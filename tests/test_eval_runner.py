@@ -16,7 +16,7 @@ from molf_jax.data import (
     sql_example,
 )
 from molf_jax.eval import evaluate_task, fact_queries, left_pad, prompt_batches
-from molf_jax.eval.command import register
+from molf_jax.cli.eval import register
 
 TOK = byte_level_tokenizer()
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -190,7 +190,7 @@ def test_eval_command_registers_its_arguments():
                               "--results", "r.csv", "--no-sql-context", "--limit", "5"])
     assert (args.task, args.size, args.results, args.no_sql_context, args.limit) == (
         "sql", 50, "r.csv", True, 5)
-    assert args.func.__name__ == "main" and args.func.__module__ == "molf_jax.eval.command"
+    assert args.func.__name__ == "main" and args.func.__module__ == "molf_jax.cli.eval"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--task", "math"])
 

@@ -3,7 +3,7 @@
 ``evaluate_task`` renders prompts from hub-format records, runs batched greedy generation (SQL,
 Med) or one forward pass for next-token logits (Fact), and returns
 ``{metric: {'value': v, 'n': samples}}``; ``append_result_row`` logs rows to CSV/JSONL; the
-``eval`` CLI subcommand lives in :mod:`molf_jax.eval.command`.
+``eval`` CLI subcommand lives in `molf_jax.cli.eval`.
 """
 
 # Running a task.
@@ -39,7 +39,7 @@ from molf_jax.eval._fact_metrics import (
 )
 
 # Result files.
-from molf_jax.eval._results import RESULT_FIELDS, append_result_row
+from molf_jax.eval._results import RESULT_FIELDS, append_result_row, report_metrics
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from molf_jax.data import TASKS
+from molf_jax.options import choices_of, option
+
 MODES = ("fft", "lora", "molf", "molfe", "molf_gate")
 # Modes whose optimizer routes between experts (they log routing), and those with an FFT expert.
 ROUTED_MODES = ("molf", "molfe", "molf_gate")
@@ -13,6 +16,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 SCORES = ("epd", "pfn")
 REMAT = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16")
+OVERFLOWS = ("drop", "truncate_left")
 
 # One alpha for every rank: with rsLoRA the scale 16 / sqrt(r) keeps a rank-128 expert's update
 # size close to a rank-16 one's (Kalajdzievski 2023), which routing between ranks needs.
@@ -28,87 +32,94 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Everything a training run needs to know.
+    """Everything a training run needs to know; ``molf-jax train`` has one flag per field.
 
-    Attributes:
-      mode: 'fft', 'lora', 'molf' (FFT expert + LoRA experts), 'molfe' (frozen base, LoRA
-        experts of several ranks) or 'molf_gate' (molf's experts, routed by `molf_gate` chained
-        before AdamW: the approximate gradient-gating form, DESIGN.md section 2).
-      model: an HF folder, a preset name for a random-init model (e.g. 'qwen2.5-0.5b'), or
-        'default' for the embedded Gemma 3 270M.
-      task: 'sql', 'med' or 'fact'; source: 'offline', a hub name or a local file.
-      task_size: number of records the offline generator makes.
-      lora_ranks / lora_alpha (one alpha for all ranks, or one per rank; default 16, so with
-        rsLoRA s = 16 / sqrt(r)) / lora_dropout / rslora / lora_targets: the LoRA experts.
-      fft_lr, lora_lr, fft_weight_decay, lora_weight_decay: the paper's two groups.
-      top_k, score: routing (molf, molfe).
-      train_embeddings_norms: molfe only; also train embeddings, norms and non-target params
-        (the authors' default). Off by default: MoLF-Efficient's point is the frozen base.
-      batch_size, grad_accum: micro-batch rows and micro-batches per optimizer step.
-      epochs or steps: run length (steps wins when both are given).
-      warmup_ratio, schedule: learning-rate shape shared by both groups.
-      max_length: longest example in tokens; overflow: 'drop' or 'truncate_left'.
-      param_dtype, state_dtype, compute_dtype, remat, scan_layers, loss_chunk: numerics/memory.
-      merged_lora: in modes whose base kernels train (molf, molf_gate), run each target linear
-        as one matmul with the merged kernel and take the experts' gradients from the kernel's
-        (same gradients, fewer FLOPs; ``LoraSpec.merged``). Inactive while LoRA dropout is on.
-      mesh: 'data=1,fsdp=-1,tensor=1' style axis sizes (-1: all remaining devices).
-      out_dir, save_every, keep_checkpoints, log_every, routing_log_every, tensorboard, resume.
-      max_nonfinite: stop after this many non-finite losses in a row (each one skips its step).
-      eval_before_after / eval_limit: evaluate the task metric before and after training.
+    Each field's help (also ``molf-jax train --help``) says what it sets. The paper's two
+    parameter groups are ``fft_*`` (the FFT expert and the non-routed leaves) and ``lora_*``.
+
+    Example:
+      >>> TrainConfig(mode="molfe").ranks
+      (16, 128)
     """
 
-    mode: str = "molf"
-    model: str = "default"
-    task: str = "fact"
-    source: str = "offline"
-    task_size: int = 96
-    seed: int = 0
+    mode: str = option("molf", "fft, lora, molf (FFT expert + LoRA experts), molfe (frozen "
+                       "base, LoRA experts of several ranks) or molf_gate (molf's experts gated "
+                       "before AdamW: the approximate form, DESIGN.md section 2)",
+                       choices=MODES, group="run")
+    model: str = option("default", "'default' (embedded Gemma 3 270M), an HF folder, or a "
+                        "preset name for a random-init model (e.g. qwen2.5-1.5b)")
+    task: str = option("fact", "the task to train on", choices=TASKS)
+    source: str = option("offline", "'offline', a hub dataset name, or a local "
+                         "json/jsonl/parquet/folder")
+    task_size: int = option(96, "records the offline generator makes")
+    seed: int = option(0, "seed of parameters, data order and dropout")
+    out_dir: str = option("runs/molf", "the run directory")
+    resume: bool = option(False, "continue the run in --out-dir")
 
-    lora_ranks: tuple[int, ...] | None = None
-    lora_alpha: tuple[float, ...] | None = None
-    lora_dropout: float = 0.05
-    rslora: bool = True
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                     "up_proj", "down_proj")
+    lora_ranks: tuple[int, ...] | None = option(
+        None, "ranks of the LoRA experts", group="LoRA experts",
+        default_text="lora 32, molf and molf_gate 128, molfe 16 128")
+    lora_alpha: tuple[float, ...] | None = option(
+        None, "one alpha for all ranks, or one per rank; with rsLoRA s = alpha / sqrt(r)",
+        default_text=f"{DEFAULT_ALPHA:g}")
+    lora_dropout: float = option(0.05, "dropout on the LoRA experts' input")
+    rslora: bool = option(True, "scale by alpha/r instead of alpha/sqrt(r)",
+                          flag="--no-rslora")
+    lora_targets: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "module names or regular expressions over module paths")
 
-    fft_lr: float = 5e-5
-    lora_lr: float = 5e-4
-    fft_weight_decay: float = 0.1
-    lora_weight_decay: float = 0.01
-    top_k: int = 1
-    score: str = "epd"
-    train_embeddings_norms: bool = False
+    fft_lr: float = option(5e-5, "peak learning rate of the FFT expert and non-routed leaves",
+                           group="optimizer and routing")
+    lora_lr: float = option(5e-4, "peak learning rate of the LoRA experts")
+    fft_weight_decay: float = option(0.1, "AdamW weight decay of the FFT group")
+    lora_weight_decay: float = option(0.01, "AdamW weight decay of the LoRA experts")
+    top_k: int = option(1, "experts updated per module and step (molf, molfe)")
+    score: str = option("epd", "routing score (paper Eq. 10 and 11)", choices=SCORES)
+    train_embeddings_norms: bool = option(
+        False, "molfe: also train embeddings, norms and non-target params (the authors' "
+        "default; ours keeps them frozen: MoLF-Efficient's point is the frozen base)")
+    schedule: str = option("cosine", "learning-rate shape shared by both groups",
+                           choices=SCHEDULES)
+    warmup_ratio: float = option(0.1, "share of the steps spent warming up")
 
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 2.0
-    steps: int | None = None
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"
-    max_length: int = 256
-    overflow: str = "drop"
+    batch_size: int = option(8, "rows per micro-batch", group="batches and length")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(2.0, "passes over the training examples")
+    steps: int | None = option(None, "optimizer steps (overrides --epochs)")
+    max_length: int = option(256, "longest example in tokens")
+    overflow: str = option("drop", "examples longer than --max-length: drop (counted) or cut "
+                           "the prompt from the left", choices=OVERFLOWS)
 
-    param_dtype: str = "float32"
-    state_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"
-    scan_layers: bool = True
-    loss_chunk: int = 1024
-    merged_lora: bool = True
+    param_dtype: str = option("float32", "dtype of the parameters", choices=DTYPES,
+                              group="numerics and devices")
+    state_dtype: str = option("float32", "dtype of the optimizer moments", choices=DTYPES)
+    compute_dtype: str = option("float32", "dtype of the activations", choices=DTYPES)
+    remat: str = option("none", "rematerialisation policy of each layer", choices=REMAT)
+    scan_layers: bool = option(True, "unroll the layers (default: one scanned block, faster "
+                               "to compile)", flag="--no-scan-layers")
+    loss_chunk: int = option(1024, "tokens per chunk of the output head and loss (bounds the "
+                             "logits' memory)")
+    merged_lora: bool = option(
+        True, "molf/molf_gate: keep the factored LoRA products in training steps (default: "
+        "one matmul with the merged kernel, same gradients; inactive while dropout is on)",
+        flag="--no-merged-lora")
+    mesh: str = option("data=1,fsdp=-1,tensor=1", "device mesh axis sizes (-1: all remaining "
+                       "devices)")
 
-    mesh: str = "data=1,fsdp=-1,tensor=1"
-    out_dir: str = "runs/molf"
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    routing_log_every: int = 1
-    tensorboard: bool = False
-    resume: bool = False
-    max_nonfinite: int = 3
-    eval_before_after: bool = True
-    eval_limit: int = 64
-    export: bool = True
+    save_every: int = option(0, "checkpoint every N optimizer steps (0: only at the end)",
+                             group="logging and checkpoints")
+    keep_checkpoints: int = option(2, "checkpoints kept on disk")
+    log_every: int = option(1, "write metrics every N steps")
+    routing_log_every: int = option(1, "write winners and scores every N steps (0: never)")
+    tensorboard: bool = option(False, "also write TensorBoard events")
+    max_nonfinite: int = option(3, "stop after N non-finite losses in a row (each skips its "
+                                "step)")
+    eval_before_after: bool = option(True, "skip the task evaluation before and after "
+                                     "training", flag="--no-eval")
+    eval_limit: int = option(64, "evaluation records scored")
+    export: bool = option(True, "skip writing the merged HF folder and the PEFT adapter",
+                          flag="--no-export")
 
     def __post_init__(self):
         _check(self)
@@ -137,12 +148,12 @@ def _check(c: TrainConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(c.mode in MODES, f"unknown mode {c.mode!r}; choose one of {', '.join(MODES)}")
-    need(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose {SCHEDULES}")
-    need(c.score in SCORES, f"unknown score {c.score!r}; choose {SCORES}")
-    need(c.remat in REMAT, f"unknown remat policy {c.remat!r}; choose {REMAT}")
-    for name in ("param_dtype", "state_dtype", "compute_dtype"):
-        need(getattr(c, name) in DTYPES, f"{name} must be one of {DTYPES}")
+    for field in dataclasses.fields(c):
+        allowed = choices_of(TrainConfig, field.name)
+        value = getattr(c, field.name)
+        need(allowed is None or value in allowed,
+             f"unknown {field.name.replace('_', '-')} {value!r}; choose one of "
+             f"{', '.join(allowed or ())}")
     ranks = c.ranks
     need(all(isinstance(r, int) and r > 0 for r in ranks),
          f"LoRA ranks must be positive integers, got {list(ranks)}")
@@ -170,8 +181,6 @@ def _check(c: TrainConfig) -> None:
     need(c.steps is None or c.steps >= 1, f"steps must be >= 1, got {c.steps}")
     need(c.steps is not None or c.epochs > 0, f"epochs must be > 0, got {c.epochs}")
     need(c.max_length >= 8, f"max-length must be at least 8, got {c.max_length}")
-    need(c.overflow in ("drop", "truncate_left"), "overflow must be 'drop' or 'truncate_left'")
-    need(c.task in ("sql", "med", "fact"), f"unknown task {c.task!r}; choose sql, med or fact")
     need(c.task_size >= 1, f"task-size must be >= 1, got {c.task_size}")
     need(c.max_nonfinite >= 1, "max-nonfinite must be >= 1")
     need(c.loss_chunk >= 1, "loss-chunk must be >= 1")

@@ -1,30 +1,44 @@
-"""``molf-jax``: train | eval | export | plot."""
+"""``molf-jax``: train | eval | export | plot.
+
+Each subcommand is one module of this package with ``register(subparsers)`` and ``main(args)``;
+``train`` takes its flags from `molf_jax.train.TrainConfig`'s fields (`molf_jax.options`).
+
+Example:
+  >>> from molf_jax.cli import build_parser
+  >>> build_parser().parse_args(["plot", "runs/molf"]).command
+  'plot'
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# (module, what it adds); each module exposes register(subparsers).
-_COMMANDS = ("molf_jax.train.command", "molf_jax.eval.command", "molf_jax.export_command",
-             "molf_jax.plot_command")
+from molf_jax.cli import eval as eval_command
+from molf_jax.cli import export, plot, train
+
+__all__ = ["build_parser", "main"]
+
+_COMMANDS = (train, eval_command, export, plot)
 
 # Errors that describe bad input: printed as one message with exit status 2, no traceback.
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molf-jax", description=__doc__)
+    """The ``molf-jax`` parser with its four subcommands."""
+    parser = argparse.ArgumentParser(prog="molf-jax",
+                                     description="MoLF fine-tuning: train | eval | export | plot")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMANDS:
-        importlib.import_module(name).register(subparsers)
+    for command in _COMMANDS:
+        command.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``molf-jax`` on ``argv``; returns the exit status (2 for bad input)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,7 +56,3 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"molf-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,9 +18,7 @@ import argparse
 import os
 import time
 
-from molf_jax.data import TASKS, load_task
-from molf_jax.eval._results import report_metrics
-from molf_jax.eval._runner import evaluate_task
+from molf_jax.data import TASKS
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,6 +58,8 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from molf_jax.checkpoints import load_hf
+    from molf_jax.data import load_task
+    from molf_jax.eval import evaluate_task, report_metrics
     from molf_jax.models import build_model
 
     data = load_task(args.task, args.source, size=args.size, seed=args.seed,

@@ -14,7 +14,6 @@ kernels, which an adapter cannot carry: they get the merged folder only.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from molf_jax.train.export import EXPORT_DTYPES
 
@@ -49,11 +48,10 @@ def main(args: argparse.Namespace) -> int:
     Errors (no run there, an adapter asked of a run that trained its base) raise
     FileNotFoundError / ValueError, which the ``molf-jax`` entry point prints as one message.
     """
+    from molf_jax.run_dir import RunDir
     from molf_jax.train import export_artifacts, load_run
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run_config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no run_config.json)")
+    run_dir = RunDir(args.run_dir).require()
     written, note = export_artifacts(load_run(run_dir), run_dir, merged_dir=args.merged,
                                      adapter_dir=args.adapter, dtype=args.dtype)
     for kind, path in written.items():
