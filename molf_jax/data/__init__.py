@@ -23,8 +23,24 @@ from molf_jax.data._prompts import (
     fill_subject,
     med_example,
     med_prompt,
-    render_example,
     sql_example,
+)
+from molf_jax.data._authors_prompts import (
+    AUTHORS_MED_TEMPLATE,
+    AUTHORS_SQL_NO_CONTEXT_TEMPLATE,
+    AUTHORS_SQL_TEMPLATE,
+    authors_fact_prompt,
+)
+from molf_jax.data._render import eval_prompt, render_example
+
+# Protocols: the authors' data preparation and scoring, or ours.
+from molf_jax.data._protocol import (
+    AUTHORS,
+    MOLF_JAX,
+    PROTOCOLS,
+    SETTINGS as PROTOCOL_SETTINGS,
+    ProtocolSettings,
+    resolve_protocol,
 )
 
 # Tokenisation and batches.
@@ -34,6 +50,7 @@ from molf_jax.data._encode import (
     encode_example,
     encode_examples,
     encode_records,
+    eval_prompt_ids,
     prompt_ids,
     target_ids,
 )
@@ -43,8 +60,16 @@ from molf_jax.data._batching import Batch, BatchIterator, pad_right
 from molf_jax.data._byte_tokenizer import byte_level_tokenizer
 
 __all__ = [
+    "AUTHORS",
+    "AUTHORS_MED_TEMPLATE",
+    "AUTHORS_SQL_NO_CONTEXT_TEMPLATE",
+    "AUTHORS_SQL_TEMPLATE",
+    "MOLF_JAX",
     "OFFLINE",
     "OPTION_LETTERS",
+    "PROTOCOLS",
+    "PROTOCOL_SETTINGS",
+    "ProtocolSettings",
     "TASKS",
     "Batch",
     "BatchIterator",
@@ -53,10 +78,13 @@ __all__ = [
     "Example",
     "SourceSplits",
     "TaskData",
+    "authors_fact_prompt",
     "byte_level_tokenizer",
     "encode_example",
     "encode_examples",
     "encode_records",
+    "eval_prompt",
+    "eval_prompt_ids",
     "fact_example",
     "fill_subject",
     "load_task",
@@ -65,6 +93,7 @@ __all__ = [
     "pad_right",
     "prompt_ids",
     "read_source",
+    "resolve_protocol",
     "render_example",
     "sql_example",
     "target_ids",

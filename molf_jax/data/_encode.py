@@ -1,8 +1,10 @@
 """Tokenisation of rendered examples into token ids with a loss mask on the target.
 
 Prompt and target are tokenised separately and concatenated (``[BOS] + prompt + target
-[+ EOS]``), so the boundary between prompt and target is exact and a training sequence starts
-with exactly the tokens that evaluation feeds to generation.
+[+ EOS]``), so the boundary between prompt and target is exact. Under the 'molf_jax' protocol a
+training sequence starts with exactly the tokens that evaluation feeds to generation; under
+'authors' training has no BOS while evaluation prompts get the tokenizer's special tokens
+(:func:`eval_prompt_ids`), as their code does.
 
 Examples longer than ``max_length`` are handled by ``overflow``:
 
@@ -20,7 +22,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from molf_jax.data._prompts import Example, render_example
+from molf_jax.data._prompts import Example
+from molf_jax.data._protocol import MOLF_JAX, SETTINGS
+from molf_jax.data._render import render_example
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,23 @@ def prompt_ids(tokenizer, prompt: str, *, add_bos: bool | None = None) -> list[i
     """
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return _bos(tokenizer, add_bos) + list(ids)
+
+
+def eval_prompt_ids(tokenizer, prompt: str, *, protocol: str = MOLF_JAX) -> list[int]:
+    """Token ids of an evaluation prompt under ``protocol``.
+
+    'molf_jax': as :func:`prompt_ids`. 'authors': ``tokenizer(prompt)`` with the tokenizer's own
+    special tokens, as their evaluators call it, so Gemma gets ``<bos>`` although their
+    training sequences have none; Qwen2.5 adds nothing either way.
+
+    Example:
+      >>> from molf_jax.data import byte_level_tokenizer
+      >>> eval_prompt_ids(byte_level_tokenizer(), 'Hi', protocol='authors')  # adds no specials
+      [76, 109]
+    """
+    if SETTINGS[protocol].eval_special_tokens:
+        return [int(i) for i in tokenizer(prompt)["input_ids"]]
+    return prompt_ids(tokenizer, prompt)
 
 
 def target_ids(tokenizer, target: str, *, add_eos: bool) -> list[int]:
@@ -167,8 +188,12 @@ def encode_records(
     overflow: str = "drop",
     sql_with_context: bool = True,
     add_bos: bool | None = None,
+    protocol: str = MOLF_JAX,
 ) -> tuple[list[EncodedExample], EncodeStats]:
-    """Renders and encodes the training examples of ``task`` records.
+    """Renders and encodes the training examples of ``task`` records under ``protocol``.
+
+    ``add_bos`` defaults to the protocol's (the tokenizer's BOS for 'molf_jax', none for
+    'authors'); ``max_length`` is applied as given (None: no cap).
 
     Example:
       >>> from molf_jax.data import byte_level_tokenizer, load_task
@@ -177,7 +202,10 @@ def encode_records(
       >>> stats.kept
       4
     """
-    examples = (render_example(task, r, sql_with_context=sql_with_context) for r in records)
+    examples = (render_example(task, r, sql_with_context=sql_with_context, protocol=protocol)
+                for r in records)
+    if add_bos is None:
+        add_bos = SETTINGS[protocol].train_bos
     return encode_examples(
         tokenizer, examples, max_length=max_length, overflow=overflow, add_bos=add_bos
     )

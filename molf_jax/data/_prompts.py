@@ -108,22 +108,3 @@ def fact_example(record: Mapping[str, Any]) -> Example:
         target=" " + str(rewrite["target_new"]["str"]).strip(),
         add_eos=False,
     )
-
-
-def render_example(
-    task: str, record: Mapping[str, Any], *, sql_with_context: bool = True
-) -> Example:
-    """Renders a record of ``task`` ('sql', 'med' or 'fact') into prompt and target text.
-
-    Example:
-      >>> render_example('med', {'question': 'Q?', 'opa': 'w', 'opb': 'x', 'opc': 'y',
-      ...                        'opd': 'z', 'cop': 3}).target
-      ' D'
-    """
-    if task == "sql":
-        return sql_example(record, with_context=sql_with_context)
-    if task == "med":
-        return med_example(record)
-    if task == "fact":
-        return fact_example(record)
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from molf_jax.data import _offline_fact, _offline_mcq, _offline_sql
 from molf_jax.data._prompts import OPTION_COLUMNS, TASKS
+from molf_jax.data._protocol import AUTHORS, resolve_protocol
 from molf_jax.data._sources import read_source
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class TaskData:
         evaluated on the prompts it was trained on, plus paraphrases and neighbours).
       source: where the records came from ('offline' or the hub name/path given).
       dropped: ``"<split>: <reason>" -> count`` of rows dropped while loading.
+      protocol: how to render and score them ('authors' or 'molf_jax'; see
+        :mod:`molf_jax.data._protocol`): by default 'authors' for paper data, 'molf_jax' offline.
     """
 
     task: str
@@ -55,6 +58,7 @@ class TaskData:
     eval: list[dict[str, Any]]
     source: str
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+    protocol: str = "molf_jax"
 
 
 class _Drops:
@@ -85,10 +89,12 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _clean_sql(rows, where, drops, **_):
+def _clean_sql(rows, where, drops, *, protocol: str = "molf_jax", **_):
+    # The authors render a blank schema with their no-context template; ours drops the row.
+    needed = ("sql_prompt", "sql") if protocol == AUTHORS else _REQUIRED_COLUMNS["sql"]
     kept = []
     for row in rows:
-        blank = [c for c in _REQUIRED_COLUMNS["sql"] if _blank(row[c])]
+        blank = [c for c in needed if _blank(row[c])]
         if blank:
             drops.add(f"empty {'/'.join(blank)}")
             continue
@@ -223,6 +229,7 @@ def load_task(
     cop_base: int = 0,
     max_train_records: int | None = None,
     max_eval_records: int | None = None,
+    protocol: str | None = None,
 ) -> TaskData:
     """Loads a task's records from the hub, a local file/folder, or the offline generators.
 
@@ -242,6 +249,8 @@ def load_task(
       cop_base: index base of MedMCQA's ``cop`` (0 for the hub data, 1 for the original JSON).
       max_train_records: keep only the first N training records (source order).
       max_eval_records: keep only the first N evaluation records (source order).
+      protocol: 'authors' or 'molf_jax' (default: 'authors' unless the source is offline);
+        under 'authors' SQL rows with a blank schema are kept, as the authors keep them.
 
     Returns:
       A :class:`TaskData`.
@@ -253,6 +262,7 @@ def load_task(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    protocol = resolve_protocol(protocol, source)
     dropped: dict[str, int] = {}
     if source == OFFLINE:
         train, evals = _load_offline(task, size, eval_size, seed)
@@ -272,7 +282,7 @@ def load_task(
             )
         elif eval_split not in read.splits:
             raise ValueError(f"{source}: no evaluation split {eval_split!r}; splits are {names}")
-        options = {"cop_base": cop_base}
+        options = {"cop_base": cop_base, "protocol": protocol}
         train = _clean_split(
             task, read.splits[train_split], read.where[train_split], train_split, dropped,
             **options,
@@ -294,4 +304,5 @@ def load_task(
         train = train[:max_train_records]
     if max_eval_records is not None:
         evals = evals[:max_eval_records]
-    return TaskData(task=task, train=train, eval=evals, source=source, dropped=dropped)
+    return TaskData(task=task, train=train, eval=evals, source=source, dropped=dropped,
+                    protocol=protocol)
