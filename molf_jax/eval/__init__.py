@@ -38,15 +38,42 @@ from molf_jax.eval._fact_metrics import (
     target_tokens,
 )
 
+# The authors' scoring (protocol 'authors'), kept as their code does it.
+from molf_jax.eval._authors_sql import (
+    authors_execute,
+    authors_exact_match,
+    authors_extract_sql,
+    authors_results_match,
+    authors_sql_metrics,
+)
+from molf_jax.eval._authors_mcq import authors_med_metrics, authors_option_letter
+from molf_jax.eval._authors_fact import (
+    authors_fact_queries,
+    authors_fact_scores,
+    authors_probabilities,
+)
+from molf_jax.eval._reported import REPORTED_METRICS, paper_comparison
+
 # Result files.
 from molf_jax.eval._results import RESULT_FIELDS, append_result_row, report_metrics
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "FactQuery",
+    "REPORTED_METRICS",
     "RESULT_FIELDS",
     "SqlExecutionError",
     "append_result_row",
+    "authors_exact_match",
+    "authors_execute",
+    "authors_extract_sql",
+    "authors_fact_queries",
+    "authors_fact_scores",
+    "authors_med_metrics",
+    "authors_option_letter",
+    "authors_probabilities",
+    "authors_results_match",
+    "authors_sql_metrics",
     "decode_generation",
     "distinguishing_tokens",
     "evaluate_task",
@@ -61,6 +88,7 @@ __all__ = [
     "left_pad",
     "med_metrics",
     "normalize_sql",
+    "paper_comparison",
     "pad_token_id",
     "prompt_batches",
     "results_match",

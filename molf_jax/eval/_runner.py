@@ -19,7 +19,24 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from molf_jax.data import TASKS, med_prompt, prompt_ids, sql_example
+from molf_jax.data import (
+    AUTHORS,
+    MOLF_JAX,
+    PROTOCOL_SETTINGS,
+    PROTOCOLS,
+    TASKS,
+    eval_prompt,
+    eval_prompt_ids,
+    prompt_ids,
+)
+from molf_jax.eval._authors_fact import (
+    authors_fact_queries,
+    authors_fact_scores,
+    authors_probabilities,
+    uses_bf16_softmax,
+)
+from molf_jax.eval._authors_mcq import authors_med_metrics
+from molf_jax.eval._authors_sql import authors_sql_metrics
 from molf_jax.eval._fact_metrics import fact_queries, fact_scores
 from molf_jax.eval._med_metrics import med_metrics
 from molf_jax.eval._sql_metrics import extract_sql, sql_metrics
@@ -27,7 +44,8 @@ from molf_jax.eval._sql_metrics import extract_sql, sql_metrics
 GenerateFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-DEFAULT_MAX_NEW_TOKENS = {"sql": 256, "med": 8}
+# Our generation budgets; the authors' protocol uses theirs (PROTOCOL_SETTINGS).
+DEFAULT_MAX_NEW_TOKENS = dict(PROTOCOL_SETTINGS[MOLF_JAX].max_new_tokens)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -99,9 +117,13 @@ def generate_texts(
     *,
     batch_size: int,
     pad_to_multiple_of: int = 32,
+    protocol: str = MOLF_JAX,
 ) -> list[str]:
-    """Generates a continuation for every prompt, in batches; returns the decoded texts."""
-    token_lists = [prompt_ids(tokenizer, p) for p in prompts]
+    """Generates a continuation for every prompt, in batches; returns the decoded texts.
+
+    Prompts are tokenised as ``protocol`` evaluates them (:func:`molf_jax.data.eval_prompt_ids`).
+    """
+    token_lists = [eval_prompt_ids(tokenizer, p, protocol=protocol) for p in prompts]
     texts: list[str] = [""] * len(prompts)
     for index, ids, mask in prompt_batches(
         token_lists, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
@@ -133,7 +155,8 @@ def jax_next_token_logits_fn(model, params) -> LogitsFn:
 
     Only the last position is projected onto the vocabulary (final hidden state times
     ``molf_jax.models.output_kernel``), so no [B, T, V] array is built. Logit soft-capping is
-    left out: it is monotonic, so it never changes which of two tokens is more probable.
+    applied when the config sets it: it never changes which token is more probable, but the
+    authors' scoring rounds probabilities, so their values must be the model's.
     """
     import jax
     import jax.numpy as jnp
@@ -146,41 +169,64 @@ def jax_next_token_logits_fn(model, params) -> LogitsFn:
             {"params": params}, input_ids, attention_mask, deterministic=True, return_hidden=True
         )
         kernel = output_kernel(params, model.config).astype(jnp.float32)
-        return hidden[:, -1, :].astype(jnp.float32) @ kernel
+        logits = hidden[:, -1, :].astype(jnp.float32) @ kernel
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return cap * jnp.tanh(logits / cap) if cap else logits
 
     return lambda ids, mask: np.asarray(last_logits(params, ids, mask))
 
 
 def _evaluate_generation(task, records, tokenizer, generate_fn, batch_size, pad_multiple,
-                         sql_with_context):
+                         sql_with_context, protocol):
+    prompts = [eval_prompt(task, r, sql_with_context=sql_with_context, protocol=protocol)
+               for r in records]
+    texts = generate_texts(prompts, tokenizer, generate_fn, batch_size=batch_size,
+                           pad_to_multiple_of=pad_multiple, protocol=protocol)
     if task == "sql":
-        prompts = [sql_example(r, with_context=sql_with_context).prompt for r in records]
-    else:
-        prompts = [med_prompt(r) for r in records]
-    texts = generate_texts(
-        prompts, tokenizer, generate_fn, batch_size=batch_size, pad_to_multiple_of=pad_multiple
-    )
-    if task == "sql":
-        return sql_metrics([extract_sql(t) for t in texts], records)
-    return med_metrics(texts, records)
+        ours = sql_metrics([extract_sql(t) for t in texts], records)
+        return {**authors_sql_metrics(texts, records), **ours} if protocol == AUTHORS else ours
+    ours = med_metrics(texts, records)
+    return {**authors_med_metrics(texts, records), **ours} if protocol == AUTHORS else ours
 
 
-def _evaluate_fact(records, tokenizer, logits_fn, batch_size, pad_multiple):
-    queries, skipped = fact_queries(records, tokenizer)
-    token_lists = [prompt_ids(tokenizer, q.prompt) + list(q.prefix) for q in queries]
-    new_logits = np.zeros(len(queries), dtype=np.float64)
-    true_logits = np.zeros(len(queries), dtype=np.float64)
+def _last_logits(token_lists, tokenizer, logits_fn, batch_size, pad_multiple, read):
+    """Runs each distinct token list once; ``read(index, logits_row)`` collects what it needs."""
+    distinct: dict[tuple[int, ...], list[int]] = {}
+    for i, tokens in enumerate(token_lists):
+        distinct.setdefault(tuple(tokens), []).append(i)
+    keys = list(distinct)
     for index, ids, mask in prompt_batches(
-        token_lists, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
+        keys, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
         pad_to_multiple_of=pad_multiple,
     ):
-        logits = np.asarray(logits_fn(ids, mask), dtype=np.float64)
-        for row, i in enumerate(index):
-            new_logits[i] = logits[row, queries[i].new_id]
-            true_logits[i] = logits[row, queries[i].true_id]
-    return fact_scores(
-        queries, new_logits, true_logits, num_cases=len(records), skipped=skipped
-    )
+        logits = np.asarray(logits_fn(ids, mask), dtype=np.float32)
+        for row, k in enumerate(index):
+            for i in distinct[keys[k]]:
+                read(i, logits[row])
+
+
+def _evaluate_fact(records, tokenizer, logits_fn, batch_size, pad_multiple, protocol):
+    queries, skipped = fact_queries(records, tokenizer)
+    token_lists = [prompt_ids(tokenizer, q.prompt) + list(q.prefix) for q in queries]
+    theirs = authors_fact_queries(records, tokenizer) if protocol == AUTHORS else []
+    token_lists += [eval_prompt_ids(tokenizer, q.prompt, protocol=AUTHORS) for q in theirs]
+    ours_logits = np.zeros((len(queries), 2), dtype=np.float64)
+    their_probs = np.zeros((len(theirs), 2), dtype=np.float64)
+
+    def read(i, logits):
+        if i < len(queries):
+            ours_logits[i] = logits[[queries[i].new_id, queries[i].true_id]]
+            return
+        q = theirs[i - len(queries)]
+        their_probs[i - len(queries)] = authors_probabilities(
+            logits[None], np.array([[q.new_id, q.true_id]]), bf16_softmax=uses_bf16_softmax(q))[0]
+
+    _last_logits(token_lists, tokenizer, logits_fn, batch_size, pad_multiple, read)
+    ours = fact_scores(queries, ours_logits[:, 0], ours_logits[:, 1],
+                       num_cases=len(records), skipped=skipped)
+    if protocol != AUTHORS:
+        return ours
+    return {**authors_fact_scores(theirs, their_probs[:, 0], their_probs[:, 1]), **ours}
 
 
 def evaluate_task(
@@ -196,12 +242,16 @@ def evaluate_task(
     pad_to_multiple_of: int = 32,
     generate_fn: GenerateFn | None = None,
     next_token_logits_fn: LogitsFn | None = None,
+    protocol: str = MOLF_JAX,
 ) -> dict[str, dict[str, float | int]]:
     """Scores ``model`` on task records; returns ``{metric: {'value': v, 'n': samples}}``.
 
     Metrics: 'sql' -> exact_match, execution_accuracy, execution_gold_failed (count);
     'med' -> accuracy, no_letter (count); 'fact' -> efficacy_score, paraphrase_score,
-    neighborhood_score, skipped_target_prefix (count).
+    neighborhood_score, skipped_target_prefix (count). Under ``protocol='authors'`` the
+    prompts, tokens and generation budgets are the authors' and their metrics come first, named
+    ``authors_*`` (SQL fractions, Med and Fact x100, as they report them), then ours on the same
+    generations; :data:`molf_jax.eval.REPORTED_METRICS` names the one each task reports.
 
     Args:
       task_name: 'sql', 'med' or 'fact'.
@@ -211,11 +261,13 @@ def evaluate_task(
       tokenizer: the model's transformers tokenizer.
       records: hub-format records (see :func:`molf_jax.data.load_task`).
       batch_size: prompts per batch.
-      max_new_tokens: generation budget (default 256 for SQL, 8 for Med).
+      max_new_tokens: generation budget (default: the protocol's; ours 256 for SQL and 8 for
+        Med, the authors' 1024 and 256).
       sql_with_context: SQL prompts include the schema (``sql_context``).
       pad_to_multiple_of: prompt length rounding (fewer jit compilations).
       generate_fn: replaces the JAX greedy generation (see the module docstring).
       next_token_logits_fn: replaces the JAX forward pass for 'fact'.
+      protocol: 'molf_jax' (ours) or 'authors' (see :mod:`molf_jax.data._protocol`).
 
     Example:
       >>> from molf_jax.data import byte_level_tokenizer, load_task
@@ -227,15 +279,18 @@ def evaluate_task(
     """
     if task_name not in TASKS:
         raise ValueError(f"unknown task {task_name!r}; expected one of {TASKS}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if not records:
         raise ValueError(f"no records to evaluate for task {task_name!r}")
     if task_name == "fact":
         logits_fn = next_token_logits_fn or jax_next_token_logits_fn(model, params)
-        return _evaluate_fact(records, tokenizer, logits_fn, batch_size, pad_to_multiple_of)
+        return _evaluate_fact(records, tokenizer, logits_fn, batch_size, pad_to_multiple_of,
+                              protocol)
     if generate_fn is None:
-        budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task_name]
+        budget = max_new_tokens or PROTOCOL_SETTINGS[protocol].max_new_tokens[task_name]
         generate_fn = jax_generate_fn(model, params, tokenizer, max_new_tokens=budget)
     return _evaluate_generation(
         task_name, records, tokenizer, generate_fn, batch_size, pad_to_multiple_of,
-        sql_with_context,
+        sql_with_context, protocol,
     )
