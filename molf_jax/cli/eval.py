@@ -18,7 +18,7 @@ import argparse
 import os
 import time
 
-from molf_jax.data import TASKS
+from molf_jax.data import PROTOCOLS, TASKS
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--source", default="offline",
         help="'offline' (generated), a hub dataset name, or a local json/jsonl/parquet/folder",
+    )
+    p.add_argument(
+        "--protocol", choices=PROTOCOLS, default=None,
+        help="prompts, tokens and scoring: 'authors' (their code's; their metrics, named "
+             "authors_*, printed beside ours) or 'molf_jax'; default: authors for paper data, "
+             "molf_jax for offline tasks",
     )
     p.add_argument("--size", type=int, default=None, help="offline task size (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="offline generation / split seed")
@@ -59,11 +65,11 @@ def main(args: argparse.Namespace) -> int:
 
     from molf_jax.checkpoints import load_hf
     from molf_jax.data import load_task
-    from molf_jax.eval import evaluate_task, report_metrics
+    from molf_jax.eval import evaluate_task, paper_comparison, report_metrics
     from molf_jax.models import build_model
 
     data = load_task(args.task, args.source, size=args.size, seed=args.seed,
-                     cop_base=args.cop_base)
+                     cop_base=args.cop_base, protocol=args.protocol)
     records = data.eval if args.split == "eval" else data.train
     if args.limit is not None:
         records = records[: args.limit]
@@ -75,10 +81,14 @@ def main(args: argparse.Namespace) -> int:
     metrics = evaluate_task(
         args.task, model, params, tokenizer, records, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, sql_with_context=not args.no_sql_context,
+        protocol=data.protocol,
     )
     seconds = time.perf_counter() - start
 
     name = args.name or os.path.basename(os.path.normpath(args.model))
     task = f"{args.task}-offline" if args.source == "offline" else args.task
     report_metrics(name, task, metrics, seconds, args.results)
+    comparison = paper_comparison(args.task, metrics)
+    if comparison:
+        print(comparison)
     return 0

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from molf_jax.data import TASKS, load_task
+from molf_jax.data import AUTHORS, PROTOCOL_SETTINGS, PROTOCOLS, TASKS, load_task
 from molf_jax.eval._results import report_metrics
 from molf_jax.eval._runner import evaluate_task, pad_token_id
 
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--gguf", action="store_true", help="the embedded Gemma 3 270M GGUF")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--source", default="offline")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="default: authors for paper data, molf_jax offline")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)
@@ -99,16 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(0)
-    data = load_task(args.task, args.source, size=args.size, seed=args.seed)
+    data = load_task(args.task, args.source, size=args.size, seed=args.seed,
+                     protocol=args.protocol)
     records = data.eval[: args.limit] if args.limit else data.eval
     model, tokenizer, name = _load(args)
-    budget = args.max_new_tokens or {"sql": 128, "med": 8}.get(args.task, 1)
+    budgets = (PROTOCOL_SETTINGS[AUTHORS].max_new_tokens if data.protocol == AUTHORS
+               else {"sql": 128, "med": 8})
+    budget = args.max_new_tokens or budgets.get(args.task, 1)
     start = time.perf_counter()
     metrics = evaluate_task(
         args.task, None, None, tokenizer, records, batch_size=args.batch_size,
         pad_to_multiple_of=1,  # eager torch: no compilation to share, so no extra padding
         generate_fn=torch_generate_fn(model, tokenizer, max_new_tokens=budget),
-        next_token_logits_fn=torch_next_token_logits_fn(model),
+        next_token_logits_fn=torch_next_token_logits_fn(model), protocol=data.protocol,
     )
     seconds = time.perf_counter() - start
     task = f"{args.task}-offline" if args.source == "offline" else args.task

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from molf_jax.data import TASKS
+from molf_jax.data import PROTOCOL_SETTINGS, PROTOCOLS, TASKS, resolve_protocol
 from molf_jax.options import choices_of, option
 
 MODES = ("fft", "lora", "molf", "molfe", "molf_gate")
@@ -51,6 +51,10 @@ class TrainConfig:
     task: str = option("fact", "the task to train on", choices=TASKS)
     source: str = option("offline", "'offline', a hub dataset name, or a local "
                          "json/jsonl/parquet/folder")
+    protocol: str | None = option(
+        None, "data preparation and scoring: 'authors' (their code's prompts, EOS, BOS "
+        "handling, no length cap, random batches and metrics, to compare with the paper) or "
+        "'molf_jax' (ours)", default_text="authors for paper data, molf_jax for offline tasks")
     task_size: int = option(96, "records the offline generator makes")
     seed: int = option(0, "seed of parameters, data order and dropout")
     out_dir: str = option("runs/molf", "the run directory")
@@ -87,7 +91,8 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step")
     epochs: float = option(2.0, "passes over the training examples")
     steps: int | None = option(None, "optimizer steps (overrides --epochs)")
-    max_length: int = option(256, "longest example in tokens")
+    max_length: int | None = option(None, "longest example in tokens",
+                                    default_text="256, no cap under --protocol authors")
     overflow: str = option("drop", "examples longer than --max-length: drop (counted) or cut "
                            "the prompt from the left", choices=OVERFLOWS)
 
@@ -136,6 +141,18 @@ class TrainConfig:
             return tuple(float(self.lora_alpha[0]) for _ in self.ranks)
         return tuple(float(a) for a in self.lora_alpha)
 
+    @property
+    def data_protocol(self) -> str:
+        """The protocol in force: the one given, else the default for ``source``."""
+        return resolve_protocol(self.protocol, self.source)
+
+    @property
+    def length_cap(self) -> int | None:
+        """Longest training example in tokens: ``max_length``, else the protocol's."""
+        if self.max_length is not None:
+            return self.max_length
+        return PROTOCOL_SETTINGS[self.data_protocol].max_length
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -180,7 +197,10 @@ def _check(c: TrainConfig) -> None:
     need(c.batch_size >= 1 and c.grad_accum >= 1, "batch-size and grad-accum must be >= 1")
     need(c.steps is None or c.steps >= 1, f"steps must be >= 1, got {c.steps}")
     need(c.steps is not None or c.epochs > 0, f"epochs must be > 0, got {c.epochs}")
-    need(c.max_length >= 8, f"max-length must be at least 8, got {c.max_length}")
+    need(c.max_length is None or c.max_length >= 8,
+         f"max-length must be at least 8, got {c.max_length}")
+    need(c.protocol in (None, *PROTOCOLS),
+         f"unknown protocol {c.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     need(c.task_size >= 1, f"task-size must be >= 1, got {c.task_size}")
     need(c.max_nonfinite >= 1, "max-nonfinite must be >= 1")
     need(c.loss_chunk >= 1, "loss-chunk must be >= 1")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from molf_jax import models
-from molf_jax.data import BatchIterator, encode_records, load_task
+from molf_jax.data import PROTOCOL_SETTINGS, BatchIterator, encode_records, load_task
 from molf_jax.run_dir import RunDir
 from molf_jax.routing import label_lora_experts, routing_table
 from molf_jax.train.checkpoint import RunCheckpointer
@@ -68,13 +68,15 @@ def _say(message: str) -> None:
 
 
 def prepare_data(config: TrainConfig, tokenizer):
-    """Training examples (encoded) and evaluation records of the task."""
-    data = load_task(config.task, config.source, size=config.task_size, seed=config.seed)
+    """Training examples (encoded) and evaluation records of the task, under its protocol."""
+    data = load_task(config.task, config.source, size=config.task_size, seed=config.seed,
+                     protocol=config.data_protocol)
     encoded, stats = encode_records(config.task, data.train, tokenizer,
-                                    max_length=config.max_length, overflow=config.overflow)
+                                    max_length=config.length_cap, overflow=config.overflow,
+                                    protocol=data.protocol)
     if stats.dropped or stats.truncated:
         _say(f"data: {stats.kept} examples kept, {stats.truncated} truncated, {stats.dropped} "
-             f"dropped for exceeding --max-length {config.max_length} ({config.overflow})")
+             f"dropped for exceeding --max-length {config.length_cap} ({config.overflow})")
     if not encoded:
         raise ConfigError(f"task {config.task!r} from {config.source!r} has no training "
                           "examples left (empty dataset, or all longer than --max-length)")
@@ -88,7 +90,7 @@ def evaluate(config: TrainConfig, model, params, tokenizer, records) -> dict[str
     if not records:
         return {}
     result = evaluate_task(config.task, model, params, tokenizer, records,
-                           batch_size=config.batch_size)
+                           batch_size=config.batch_size, protocol=config.data_protocol)
     return {name: float(v["value"]) for name, v in result.items()
             if isinstance(v, dict) and "value" in v}
 
@@ -136,8 +138,10 @@ def train(config: TrainConfig) -> RunSummary:
     tokenizer = load_tokenizer(source)
     encoded, eval_records = prepare_data(config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    iterator = BatchIterator(encoded, batch_size=config.batch_size, pad_id=pad_id,
-                             seed=config.seed, max_length=config.max_length)
+    iterator = BatchIterator(
+        encoded, batch_size=config.batch_size, pad_id=pad_id, seed=config.seed,
+        max_length=config.length_cap,
+        bucket_batches=PROTOCOL_SETTINGS[config.data_protocol].bucket_batches)
     total_steps = total_optimizer_steps(config, iterator.steps_per_epoch)
 
     params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
@@ -174,7 +178,8 @@ def train(config: TrainConfig) -> RunSummary:
     n_trainable, n_total = count_params(trainable), count_params(params)
     _say(f"{config.mode}: {source.name} ({type(source.config).__name__}), "
          f"{n_trainable:,} of {n_total:,} parameters train; task {config.task} "
-         f"({config.source}), {len(encoded)} examples, {total_steps} optimizer steps of "
+         f"({config.source}, protocol {config.data_protocol}), {len(encoded)} examples, "
+         f"{total_steps} optimizer steps of "
          f"{config.batch_size} x {config.grad_accum} rows; mesh {dict(mesh.shape)}")
 
     if source.name == "default" and config.mode == "molf" and config.steps is None and \
