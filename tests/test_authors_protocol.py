@@ -279,3 +279,20 @@ def test_probabilities_tie_on_one_bf16_logit_and_paraphrases_also_on_bf16_probab
                                  np.array([p32[0, 1], p16[0, 1]]))
     assert scores["authors_efficacy_score"]["value"] == 100.0
     assert scores["authors_paraphrase_score"]["value"] == 0.0
+
+
+def test_train_cli_takes_the_protocol_and_rejects_an_unknown_one(capsys):
+    import argparse
+
+    from molf_jax import cli
+    from molf_jax.cli.train import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    config = config_from_args(parser.parse_args(
+        ["train", "--source", "medmcqa.parquet", "--protocol", "molf_jax"]))
+    assert (config.data_protocol, config.length_cap) == ("molf_jax", 256)
+    default = config_from_args(parser.parse_args(["train", "--source", "medmcqa.parquet"]))
+    assert (default.data_protocol, default.length_cap) == ("authors", None)
+    assert cli.main(["train", "--protocol", "paper"]) == 2
+    assert "unknown protocol 'paper'" in capsys.readouterr().err
