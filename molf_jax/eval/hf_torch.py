@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from molf_jax.data import AUTHORS, PROTOCOL_SETTINGS, PROTOCOLS, TASKS, load_task
+from molf_jax.eval._reported import paper_comparison
 from molf_jax.eval._results import report_metrics
 from molf_jax.eval._runner import evaluate_task, pad_token_id
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     task = f"{args.task}-offline" if args.source == "offline" else args.task
     report_metrics(name, task, metrics, seconds, args.results)
+    comparison = paper_comparison(args.task, metrics)
+    if comparison:
+        print(comparison)
     return 0
 
 
