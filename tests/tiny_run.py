@@ -41,3 +41,29 @@ def tiny_config(model_dir, out_dir, **overrides):
     if base.get("mode") == "molfe" and "lora_ranks" not in overrides:
         base["lora_ranks"] = (2, 8)
     return TrainConfig(**base)
+
+
+def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float | None = 1.0):
+    """What `make_train_step` needs for ``config`` on one device: (model, params, trainable,
+    optimizer). LoRA ``b`` leaves get small random values (as after some training) so that
+    every expert's ``a`` has a gradient too."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from molf_jax.train.mesh import make_mesh
+    from molf_jax.train.modes import build_optimizer, is_trainable
+    from molf_jax.train.setup import build_params, dtype_of, resolve_model, target_linears
+
+    source = resolve_model(config.model)
+    params, spec = build_params(config, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
+    if nonzero_lora_b:
+        rng = np.random.default_rng(1)
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: jnp.asarray(0.02 * rng.standard_normal(x.shape), x.dtype)
+            if getattr(p[-1], "key", None) == "b" else x, params)
+    model = models.build_model(source.config, lora=spec, scan_layers=config.scan_layers,
+                               dtype=dtype_of(config.compute_dtype),
+                               param_dtype=dtype_of(config.param_dtype))
+    trainable = is_trainable(config, target_linears(params))
+    optimizer, _ = build_optimizer(config, total_steps=8, max_grad_norm=max_grad_norm)
+    return model, params, trainable, optimizer
