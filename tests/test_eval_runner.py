@@ -152,7 +152,8 @@ def test_batched_jax_generation_matches_one_prompt_at_a_time(tiny_model):
     default = evaluate_task("med", model, params, TOK, records, batch_size=2, max_new_tokens=6)
     assert batched == default
     assert len(texts) == 4  # two batches of two rows, the last one a filler
-    for prompt, row in texts[:1]:  # one prompt, unpadded and alone (one more compilation)
+    assert len({prompt for prompt, _ in texts[:3]}) == 3
+    for prompt, row in texts[:3]:  # every prompt, unpadded and alone
         ids = np.asarray([prompt_ids(TOK, prompt)], np.int32)
         alone = greedy_generate(model, params, ids, np.ones_like(ids), max_new_tokens=6,
                                 eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)

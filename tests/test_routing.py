@@ -212,12 +212,13 @@ def test_stacked_leaves_route_each_layer_like_separate_modules():
 
 def test_custom_score_gets_gradients_params_and_learning_rates():
     params = {"m": lora_module(np.random.default_rng(0), 4, 4, [2])}
+    params["m"]["kernel"] = 10 * params["m"]["kernel"]  # a large base weighs in the param term
     seen = {}
 
     def combine(sums, info):
-        grad_sq, param_sq = sums
-        seen["lr"], seen["count"] = info.learning_rate, info.count
-        return grad_sq / info.num_params + 0 * param_sq
+        seen["grad_sq"], seen["param_sq"] = sums
+        seen["lr"], seen["count"], seen["n"] = info.learning_rate, info.count, info.num_params
+        return (sums[0] + sums[1]) / info.num_params
 
     score = Score(elementwise=lambda mu, nu, g, p: (g * g, p * p), combine=combine,
                   uses_moments=False)
@@ -227,9 +228,17 @@ def test_custom_score_gets_gradients_params_and_learning_rates():
     grads = jax.tree.map(jnp.zeros_like, params)
     grads["m"]["lora_1"]["a"] = jnp.ones((4, 2))  # only the LoRA expert has gradient
     updates, state = tx.update(grads, state, params)
-    np.testing.assert_array_equal(np.asarray(state.winners), [[False, True]])
+    m = jax.tree.map(np.asarray, params["m"])
+    np.testing.assert_allclose(np.asarray(seen["grad_sq"]), [[0.0, 8.0]])
+    np.testing.assert_allclose(np.asarray(seen["param_sq"]), [[
+        np.sum(m["kernel"] ** 2) + np.sum(m["bias"] ** 2),
+        np.sum(m["lora_1"]["a"] ** 2) + np.sum(m["lora_1"]["b"] ** 2)]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(seen["n"]), [[20, 16]])
     np.testing.assert_allclose(np.asarray(seen["lr"]), [[0.1, 0.3]])
-    assert np.all(np.asarray(updates["m"]["kernel"]) == 0)
+    assert int(seen["count"]) == 0
+    # The gradient term alone favours the LoRA expert (0 vs 8/16); the parameter term decides.
+    np.testing.assert_array_equal(np.asarray(state.winners), [[True, False]])
+    assert np.all(np.asarray(updates["m"]["lora_1"]["a"]) == 0)  # the loser, despite its grad
 
 
 def test_gate_form_differs_from_faithful_form():

@@ -201,9 +201,13 @@ def test_fsdp_step_gathers_weights_not_activations(tiny_dir, tmp_path):
                           params, opt_state)
     hlo = step.lower(params, opt_state, batch).compile().as_text()
     activation = f"[{rows},{length},{width}]"
-    reduced = [line for line in hlo.splitlines()
-               if re.search(r"\sall-reduce(-start)?\(", line)
-               and activation in line.split(" all-reduce")[0]]
+    all_reduces = [line for line in hlo.splitlines()
+                   if re.search(r"\sall-reduce(-start)?\(", line)]
+    reduced = [line for line in all_reduces if activation in line.split(" all-reduce")[0]]
+    # The pattern and the shape format match this HLO: it has all-reduces (the loss and token
+    # count at least), and activations split by rows over the 4 devices.
+    assert all_reduces
+    assert f"[{rows // 4},{length},{width}]" in hlo
     # At most the embedding lookup's (a table split over the vocabulary sums partial rows);
     # the replicated layout had several per layer.
     assert len(reduced) <= 1, reduced[:3]
