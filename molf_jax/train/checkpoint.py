@@ -37,8 +37,10 @@ class RunCheckpointer:
         self.directory = os.path.abspath(RunDir(out_dir).checkpoints)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("params", "opt_state", "meta"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "params": ocp.StandardCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -76,13 +78,18 @@ class RunCheckpointer:
         return restored["params"], restored["opt_state"], meta
 
     def latest_params(self) -> tuple[int, Any]:
-        """(step, trainable params) of the latest finished checkpoint, as saved (host arrays
-        when no target layout is given)."""
+        """(step, trainable params) of the latest finished checkpoint, each array whole on this
+        process's first device, whatever topology saved it (several processes, another mesh).
+        """
         step = self.latest_step()
         if step is None:
             raise ResumeError(f"no finished checkpoint in {self.directory}")
+        saved = self._manager.item_metadata(step)["params"]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              saved)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore()))
+            params=ocp.args.StandardRestore(target)))
         return step, restored["params"]
 
     def wait(self) -> None:

@@ -126,6 +126,9 @@ def train(config: TrainConfig) -> RunSummary:
       >>> summary = train(TrainConfig(mode="molf", model="qwen2.5-0.5b", steps=10))  # doctest: +SKIP
     """
     initialize_distributed()
+    # Every process runs the same steps and saves its shards of each checkpoint; the first one
+    # alone writes the run's other files.
+    primary = jax.process_index() == 0
     run_dir = RunDir(config.out_dir)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
@@ -167,10 +170,11 @@ def train(config: TrainConfig) -> RunSummary:
     elif checkpointer.latest_step() is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
                           "that run or choose another --out-dir")
-    run_dir.config.write_text(json.dumps(config.to_dict(), indent=1))
+    if primary:
+        run_dir.config.write_text(json.dumps(config.to_dict(), indent=1))
 
     routed = config.mode in ROUTED_MODES
-    log = RunLog(run_dir, tensorboard=config.tensorboard)
+    log = RunLog(run_dir, tensorboard=config.tensorboard, write=primary)
     if routed:
         table = routing_table(label_lora_experts, trainable)
         log.write_routing_table(table.module_names, _expert_labels(config), table.valid)
@@ -288,7 +292,8 @@ def train(config: TrainConfig) -> RunSummary:
         written, note = export_artifacts(run, run_dir)
         summary.merged_dir = str(written["merged"])
         summary.adapter_dir = str(written["adapter"]) if "adapter" in written else None
-    run_dir.summary.write_text(json.dumps(dataclasses.asdict(summary), indent=1))
+    if primary:
+        run_dir.summary.write_text(json.dumps(dataclasses.asdict(summary), indent=1))
     _print_summary(summary)
     return summary
 

@@ -23,13 +23,37 @@ ROW_AXES = ("data", "fsdp")  # batch rows are split over these
 
 
 def initialize_distributed() -> None:
-    """Starts multi-host JAX when the environment describes several processes.
+    """Starts multi-process JAX when the environment describes several processes.
 
-    Set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or run
-    where ``jax.distributed.initialize()`` detects the cluster, e.g. TPU pods or SLURM).
+    One process per host (or per GPU), each started with the same command and three variables:
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. ``MOLF_DISTRIBUTED=1`` instead lets ``jax.distributed.initialize()``
+    detect the cluster itself (TPU pods, SLURM, Open MPI). CPU processes exchange data through
+    gloo (JAX's CPU backend has no collectives across processes otherwise); accelerators use
+    their own.
+
+    Example (two hosts; on the second, ``JAX_PROCESS_ID=1``):
+      >>> os.environ.update(JAX_COORDINATOR_ADDRESS="host0:1234", JAX_NUM_PROCESSES="2",
+      ...                   JAX_PROCESS_ID="0")                      # doctest: +SKIP
+      >>> initialize_distributed()                                   # doctest: +SKIP
     """
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or os.environ.get("MOLF_DISTRIBUTED"):
+    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if num_processes <= 1 and not os.environ.get("MOLF_DISTRIBUTED"):
+        return
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if num_processes <= 1:
         jax.distributed.initialize()
+        return
+    missing = [name for name in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID")
+               if name not in os.environ]
+    if missing:
+        raise ValueError(f"JAX_NUM_PROCESSES={num_processes} also needs {' and '.join(missing)}"
+                         " (host:port of process 0, and this process's index)")
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=num_processes,
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:

@@ -26,14 +26,21 @@ __all__ = ["RunLog"]
 
 
 class RunLog:
-    """Appends JSON lines (and optional TensorBoard scalars) under a run directory."""
+    """Appends JSON lines (and optional TensorBoard scalars) under a run directory.
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False):
+    With ``write=False`` (every process but the first of a multi-process run) it writes
+    nothing: the processes see the same metrics, and one copy of each file is kept.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False,
+                 write: bool = True):
+        self._write = write
+        self._metrics = self._routing = self._tb = None
+        if not write:
+            return
         self.run_dir = RunDir(run_dir)
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.run_dir.metrics, "a", buffering=1)
-        self._routing = None
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -43,12 +50,16 @@ class RunLog:
             self._tb = SummaryWriter(str(self.run_dir.tensorboard))
 
     def write_routing_table(self, module_names, expert_labels, valid: np.ndarray) -> None:
+        if not self._write:
+            return
         with open(self.run_dir.routing_table, "w") as f:
             json.dump({"modules": list(module_names), "experts": list(expert_labels),
                        "valid": np.asarray(valid).astype(bool).tolist()}, f)
         self._routing = open(self.run_dir.routing, "a", buffering=1)
 
     def metrics(self, row: dict[str, Any]) -> None:
+        if not self._write:
+            return
         self._metrics.write(json.dumps(_plain(row)) + "\n")
         if self._tb is not None:
             for key, value in row.items():
@@ -64,7 +75,8 @@ class RunLog:
                                         "scores": scores}) + "\n")
 
     def close(self) -> None:
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._routing is not None:
             self._routing.close()
         if self._tb is not None:
