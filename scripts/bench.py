@@ -15,27 +15,29 @@ Example (one H200):
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from molf_jax import models
-from molf_jax.train import TrainConfig, build_optimizer, is_trainable, make_train_step, split_tree
-from molf_jax.train.config import MODES, ROUTED_MODES
+from molf_jax.train import TrainConfig, build_optimizer, is_trainable, split_tree
+from molf_jax.train.config import ATTENTION, DTYPES, MODES, REMAT, ROUTED_MODES
 from molf_jax.train.loss import next_token_loss_sum
-from molf_jax.train.step import jit_train_step
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
 from molf_jax.train.modes import lora_spec
-from molf_jax.train.setup import target_linears
+from molf_jax.train.platform import PLATFORM_DEFAULTS, with_platform_defaults
+from molf_jax.train.setup import target_linears, training_model, training_step
 from molf_jax.train.trees import count_params
-from molf_jax.lora import add_lora_experts
+from molf_jax.lora import LoraSpec, add_lora_experts
 
 PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md section 4)
 
@@ -52,12 +54,16 @@ def parse_args(argv=None):
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--param-dtype", default="bfloat16")
-    p.add_argument("--state-dtype", default="bfloat16")
-    p.add_argument("--remat", default="full")
+    # Numerics and kernels: `molf-jax train`'s flags and defaults (the platform's).
+    p.add_argument("--param-dtype", default=None, choices=DTYPES)
+    p.add_argument("--state-dtype", default=None, choices=DTYPES)
+    p.add_argument("--compute-dtype", default=None, choices=DTYPES)
+    p.add_argument("--remat", default=None, choices=REMAT)
+    p.add_argument("--attention", default=None, choices=ATTENTION)
+    p.add_argument("--numerics-of", default=None, choices=tuple(PLATFORM_DEFAULTS),
+                   help="take this platform's defaults instead of the running one's "
+                        "(scripts/collectives.py builds the GPU step on CPU devices)")
     p.add_argument("--no-scan", dest="scan", action="store_false")
-    p.add_argument("--attention", choices=("cudnn", "xla"),
-                   default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--loss-chunk", type=int, default=2048)
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
     p.add_argument("--no-merged-lora", dest="merged_lora", action="store_false",
@@ -73,11 +79,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def bench_config(args) -> TrainConfig:
+    """The training configuration this benchmark times. ``molf-jax train`` given the same
+    settings (``--model M --mode X --batch-size B --max-length T --lora-dropout 0 ...``) builds
+    the same step from it (tests/test_bench.py)."""
+    config = TrainConfig(mode=args.mode, model=args.model, batch_size=args.batch,
+                         max_length=args.length,
+                         lora_ranks=tuple(args.lora_ranks) if args.lora_ranks else None,
+                         train_embeddings_norms=args.train_embeddings_norms,
+                         param_dtype=args.param_dtype, state_dtype=args.state_dtype,
+                         compute_dtype=args.compute_dtype, remat=args.remat,
+                         attention=args.attention, scan_layers=args.scan,
+                         loss_chunk=args.loss_chunk, mesh=args.mesh, lora_dropout=0.0,
+                         merged_lora=args.merged_lora)
+    return with_platform_defaults(config, args.numerics_of)
+
+
 def run_name(args) -> str:
     return f"{args.model}_{args.mode}_{args.tag or 'default'}_{jax.device_count()}dev"
 
 
-def dump_memory(compiled, args, directory: str) -> None:
+def dump_memory(compiled, args, config, directory: str) -> None:
     """Writes XLA's buffer sizes for the compiled step (bytes; peak = args + temp + out - alias)."""
     stats = compiled.memory_analysis()
     if stats is None:
@@ -90,8 +112,8 @@ def dump_memory(compiled, args, directory: str) -> None:
             - figures["alias_size_in_bytes"] + figures["temp_size_in_bytes"])
     record = {"model": args.model, "mode": args.mode, "tag": args.tag,
               "unrouted_optimizer": args.unrouted_optimizer, "batch": args.batch,
-              "length": args.length, "remat": args.remat, "loss_chunk": args.loss_chunk,
-              "attention": args.attention, "jax": jax.__version__, **figures,
+              "length": args.length, "remat": config.remat, "loss_chunk": args.loss_chunk,
+              "attention": config.attention, "jax": jax.__version__, **figures,
               "peak_estimate_gib": peak / 2**30}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,47 +121,60 @@ def dump_memory(compiled, args, directory: str) -> None:
     print(json.dumps(record))
 
 
-def timed(fn, *args, repeat):
-    """Median wall time of fn(*args) with a device sync, after one untimed call."""
-    out = jax.block_until_ready(fn(*args))
+def time_optimizer(optimizer, params, state, grads, *, repeat):
+    """Median wall time of one optimizer update and its application, on ``params`` and
+    ``state`` themselves: both are donated and come back updated, so no second optimizer state
+    is ever alive (at Qwen2.5-7B a second one did not fit beside the first).
+
+    Returns ``(seconds, params, state)``."""
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(p, s, g):
+        u, s = optimizer.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    params, state = jax.block_until_ready(update(params, state, grads))
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        params, state = jax.block_until_ready(update(params, state, grads))
         times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    return statistics.median(times), params, state
 
 
-def setup(args):
-    """What the step is made of, before any array exists: the train config, the mesh, the model
-    config, the LoRA spec, ``build(attention, remat)`` for the model, ``initial_params()`` (placed
-    on the mesh) and the optimizer. scripts/collectives.py compiles the same step on abstract
+class Bench(NamedTuple):
+    """What the timed step is made of, before any array exists.
+
+    Attributes:
+      config: the training configuration (`bench_config`).
+      mesh, model_config, spec: the device mesh, the model's shape, the LoRA experts.
+      initial_params: ``() -> params`` placed on the mesh.
+      tx: the optimizer (plain AdamW with ``--unrouted-optimizer``).
+    """
+
+    config: TrainConfig
+    mesh: Any
+    model_config: Any
+    spec: LoraSpec | None
+    initial_params: Callable[[], Any]
+    tx: optax.GradientTransformation
+
+    def model(self, **changes):
+        """The training model of ``config.replace(**changes)`` (`training_model`)."""
+        config = self.config.replace(**changes)
+        return training_model(config, self.model_config, lora_spec(config))
+
+
+def setup(args) -> Bench:
+    """The benchmark's `Bench`; scripts/collectives.py compiles the same step on abstract
     arrays."""
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-    config = TrainConfig(mode=args.mode, model=args.model, batch_size=args.batch,
-                         lora_ranks=tuple(args.lora_ranks) if args.lora_ranks else None,
-                         train_embeddings_norms=args.train_embeddings_norms,
-                         param_dtype=args.param_dtype, state_dtype=args.state_dtype,
-                         compute_dtype="bfloat16", remat=args.remat, scan_layers=args.scan,
-                         loss_chunk=args.loss_chunk, mesh=args.mesh, lora_dropout=0.0,
-                         merged_lora=args.merged_lora)
+    config = bench_config(args)
     mesh = make_mesh(config.mesh)
     overrides = {} if args.layers is None else {"num_layers": args.layers, "layer_types": ()}
     model_config = models.preset(args.model, **overrides)
     spec = lora_spec(config)
-
-    def build(attention, remat, merged=True, float32=False):
-        """The model; ``merged=False`` keeps the factored LoRA products whatever the spec says,
-        ``float32`` computes and stores parameters in float32."""
-        lora = spec if spec is None or merged else dataclasses.replace(spec, merged=False)
-        return models.build_model(model_config, lora=lora, scan_layers=args.scan, remat=remat,
-                                  dtype=jnp.float32 if float32 else jnp.bfloat16,
-                                  param_dtype=jnp.float32 if float32 else dtype[args.param_dtype],
-                                  attention_impl=attention)
-
     rule = param_sharding(mesh)
-    base_model = models.build_model(model_config, scan_layers=args.scan,
-                                    param_dtype=dtype[args.param_dtype])
+    base_model = models.build_model(model_config, scan_layers=config.scan_layers,
+                                    param_dtype=jnp.dtype(config.param_dtype))
     shardings = jax.tree.map(lambda x: rule("", x.shape), models.abstract_params(base_model))
 
     def initial_params():
@@ -155,7 +190,7 @@ def setup(args):
 
     tx, _ = build_optimizer(config.replace(mode="fft") if args.unrouted_optimizer else config,
                             total_steps=1000)
-    return config, mesh, model_config, spec, build, initial_params, tx
+    return Bench(config, mesh, model_config, spec, initial_params, tx)
 
 
 def make_batch(args, vocab_size, mesh):
@@ -169,26 +204,27 @@ def make_batch(args, vocab_size, mesh):
             "step": np.int32(0)}
 
 
-def train_step(args, model, tx, trainable_fn, params, opt_state):
-    """The timed step: jitted, donating, keeping the shardings of ``params`` and ``opt_state``."""
-    return jit_train_step(make_train_step(model, tx, trainable=trainable_fn, dropout=False,
-                                          loss_chunk=args.loss_chunk, return_routing=False),
-                          params, opt_state)
+def train_step(bench: Bench, model, trainable_fn, params, opt_state):
+    """The timed step: the trainer's (`training_step`), jitted, donating, keeping the shardings
+    of ``params`` and ``opt_state``."""
+    return training_step(bench.config, model, bench.tx, trainable_fn, params, opt_state)
 
 
-def float32_loss(args, model_config, build, params, batch) -> float:
+def float32_loss(bench: Bench, params, batch) -> float:
     """The first step's loss in float32 (params, compute, factored LoRA): the value that the
     bf16 runs round differently."""
-    model = build("xla", "none", merged=False, float32=True)
+    config = bench.config
+    model = bench.model(attention="xla", remat="none", merged_lora=False,
+                        param_dtype="float32", compute_dtype="float32")
 
     @jax.jit
     def loss(params, ids, mask, loss_mask):
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
         hidden = model.apply({"params": params}, ids, mask, return_hidden=True)
-        total, count = next_token_loss_sum(hidden, models.output_kernel(params, model_config),
-                                           ids, loss_mask, chunk=args.loss_chunk,
-                                           softcap=getattr(model_config,
-                                                           "final_logit_softcapping", None))
+        total, count = next_token_loss_sum(
+            hidden, models.output_kernel(params, bench.model_config), ids, loss_mask,
+            chunk=config.loss_chunk,
+            softcap=getattr(bench.model_config, "final_logit_softcapping", None))
         return total / count
 
     return float(loss(params, batch["input_ids"][0], batch["attention_mask"][0],
@@ -197,19 +233,20 @@ def float32_loss(args, model_config, build, params, batch) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    config, mesh, model_config, spec, build, initial_params, tx = setup(args)
-    model = build(args.attention, args.remat)
-    params = initial_params()
-    trainable_fn = is_trainable(config, target_linears(params) if spec else set())
-    trainable, frozen = split_tree(params, trainable_fn)
-    opt_state = on_mesh(jax.jit(tx.init)(trainable), mesh)
-    fresh_opt_state = jax.jit(tx.init)
+    bench = setup(args)
+    config, mesh, model_config = bench.config, bench.mesh, bench.model_config
+    print(f"benchmarking {json.dumps(config.to_dict())}")
+    model = bench.model()
+    params = bench.initial_params()
+    trainable_fn = is_trainable(config, target_linears(params) if bench.spec else set())
+    trainable, _ = split_tree(params, trainable_fn)
+    opt_state = on_mesh(jax.jit(bench.tx.init)(trainable), mesh)
     batch = make_batch(args, model_config.vocab_size, mesh)
-    step = train_step(args, model, tx, trainable_fn, params, opt_state)
+    step = train_step(bench, model, trainable_fn, params, opt_state)
     compile_start = time.perf_counter()
     if args.dump_memory:
         step = step.lower(params, opt_state, batch).compile()
-        dump_memory(step, args, args.dump_memory)
+        dump_memory(step, args, config, args.dump_memory)
     params, opt_state, metrics = step(params, opt_state, batch)
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - compile_start
@@ -223,40 +260,39 @@ def main(argv=None):
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-
-    # The optimizer alone, and plain AdamW on the same leaves, on gradient-like trees.
-    trainable, frozen = split_tree(params, trainable_fn)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")  # the training steps' peak
+
+    # The optimizer alone on the training state, then plain AdamW on the same leaves in place
+    # of it, on gradient-like trees.
+    n_params = count_params(params)
+    trainable, _ = split_tree(params, trainable_fn)
+    del params, metrics
+    n_train = count_params(trainable)
     grads = jax.tree.map(lambda x: (x * 1e-3).astype(x.dtype), trainable)
-
-    def opt_time(optimizer):
-        state = on_mesh(jax.jit(optimizer.init)(trainable), mesh)  # laid out as in the step
-
-        @jax.jit
-        def update(p, s, g):
-            u, s = optimizer.update(g, s, p)
-            return jax.tree.map(lambda a, b: a + b, p, u), s
-
-        return timed(update, trainable, state, grads, repeat=args.steps)[0]
-
-    optimizer_s = opt_time(tx)
+    optimizer_s, trainable, opt_state = time_optimizer(bench.tx, trainable, opt_state, grads,
+                                                       repeat=args.steps)
     routing_s = None
     if args.mode in ROUTED_MODES:
+        del opt_state
         plain_tx, _ = build_optimizer(config.replace(mode="fft"), total_steps=1000)
-        routing_s = optimizer_s - opt_time(plain_tx)
-    n_params, n_train = count_params(params), count_params(trainable)
+        plain_state = on_mesh(jax.jit(plain_tx.init)(trainable), mesh)
+        plain_s, trainable, plain_state = time_optimizer(plain_tx, trainable, plain_state, grads,
+                                                         repeat=args.steps)
+        routing_s = optimizer_s - plain_s
+        del plain_state
+    else:
+        del opt_state
+    del trainable, grads
 
     first_loss_plain = first_loss_float32 = None
     if args.check:
-        del params, opt_state, trainable, frozen, grads
-        params = initial_params()
-        state = fresh_opt_state(split_tree(params, trainable_fn)[0])
-        plain = jax.jit(make_train_step(build("xla", "none", merged=False), tx, trainable=trainable_fn,
-                                        dropout=False, loss_chunk=args.loss_chunk,
-                                        return_routing=False))
+        params = bench.initial_params()
+        first_loss_float32 = float32_loss(bench, params, batch)
+        state = on_mesh(jax.jit(bench.tx.init)(split_tree(params, trainable_fn)[0]), mesh)
+        plain = train_step(bench, bench.model(attention="xla", remat="none", merged_lora=False),
+                           trainable_fn, params, state)
         first_loss_plain = float(plain(params, state, batch)[2]["loss"])
-        first_loss_float32 = float32_loss(args, model_config, build, params, batch)
     tokens = args.batch * args.length
     # Model FLOPs: forward 2N per token; backward 2N for activations plus 2N_trainable for
     # weight gradients; attention scores and values (causal: half) likewise.
@@ -266,10 +302,11 @@ def main(argv=None):
     result = {
         "model": args.model, "mode": args.mode, "tag": args.tag,
         "unrouted_optimizer": args.unrouted_optimizer,
-        "merged_lora": bool(spec and spec.merged),
+        "merged_lora": bool(bench.spec and bench.spec.merged),
         "ranks": list(config.ranks), "batch": args.batch, "length": args.length,
-        "param_dtype": args.param_dtype, "state_dtype": args.state_dtype,
-        "remat": args.remat, "scan_layers": args.scan, "attention": args.attention,
+        "param_dtype": config.param_dtype, "state_dtype": config.state_dtype,
+        "compute_dtype": config.compute_dtype,
+        "remat": config.remat, "scan_layers": config.scan_layers, "attention": config.attention,
         "loss_chunk": args.loss_chunk,
         "train_embeddings_norms": args.train_embeddings_norms,
         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,

@@ -183,6 +183,12 @@ def abstract_opt_state(tx, trainable, mesh):
         return on_mesh(state, mesh)
 
 
+def gpu_step(args):
+    """bench's arguments for the step it runs on GPUs (their numerics, unless given), with
+    XLA's attention in place of cuDNN's, which CPU devices cannot compile."""
+    return _with(args, numerics_of=args.numerics_of or "gpu", attention=args.attention or "xla")
+
+
 def step_traffic(args, devices):
     """Collective bytes of one compile of bench's step, on the first ``devices`` devices.
 
@@ -195,17 +201,16 @@ def step_traffic(args, devices):
     """
     sizes = parse_mesh(args.mesh, devices)
     args = _with(args, mesh=",".join(f"{a}={n}" for a, n in sizes.items()))
-    config, mesh, model_config, spec, build, initial_params, tx = bench.setup(args)
-    rule = param_sharding(mesh)  # bench places every leaf, base and LoRA, with this rule
+    setup = bench.setup(gpu_step(args))
+    rule = param_sharding(setup.mesh)  # bench places every leaf, base and LoRA, with this rule
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=rule("", x.shape)),
-                          jax.eval_shape(initial_params))
-    trainable_fn = is_trainable(config, target_linears(params) if spec else set())
+                          jax.eval_shape(setup.initial_params))
+    trainable_fn = is_trainable(setup.config, target_linears(params) if setup.spec else set())
     trainable, _ = split_tree(params, trainable_fn)
-    opt_state = abstract_opt_state(tx, trainable, mesh)
-    step = bench.train_step(args, build(args.attention, args.remat), tx, trainable_fn, params,
-                            opt_state)
-    batch = bench.make_batch(args, model_config.vocab_size, mesh)
+    opt_state = abstract_opt_state(setup.tx, trainable, setup.mesh)
+    step = bench.train_step(setup, setup.model(), trainable_fn, params, opt_state)
+    batch = bench.make_batch(args, setup.model_config.vocab_size, setup.mesh)
     traffic = collective_bytes(post_spmd_hlo(step.lower(params, opt_state, batch)), devices)
     nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize  # noqa: E731
                               for x in jax.tree.leaves(tree))
@@ -221,7 +226,7 @@ def extrapolated_traffic(args, devices):
                                   for n in PROBE_LAYERS)
     traffic = {k: t2[k] + (t4[k] - t2[k]) * (layers - 2) / 2 for k in set(t2) | set(t4)}
     per_layer, grads_per_layer = (p4 - p2) / 2, (g4 - g2) / 2
-    gathers = 2 if args.remat == "none" else 3
+    gathers = 2 if bench.bench_config(gpu_step(args)).remat == "none" else 3
     fsdp = parse_mesh(args.mesh, devices)["fsdp"]
     ideal = (fsdp - 1) / fsdp * (layers * (gathers * per_layer + grads_per_layer)
                                  + 2 * (p2 - 2 * per_layer) + (g2 - 2 * grads_per_layer))

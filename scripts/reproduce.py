@@ -148,15 +148,18 @@ def run_job(job: Job, out_dir: Path) -> dict[str, Any]:
     from molf_jax.train.export import load_run
     from molf_jax.train.setup import build_params, load_tokenizer, resolve_model
     from molf_jax.train.mesh import make_mesh
+    from molf_jax.train.platform import PLATFORM_DEFAULTS
 
     size = job.size
     run_dir = out_dir / "runs" / job.task / job.name.split("__", 1)[1]
     if run_dir.exists():
         shutil.rmtree(run_dir)
     # One device per run, whatever the process sees (workers share GPUs by CUDA_VISIBLE_DEVICES).
+    # float32, no remat, XLA attention on every platform: the numerics the published table
+    # was measured with (the trainer's GPU defaults are bf16).
     common = dict(model=job.model, task=job.task, task_size=size.task_size, seed=job.seed,
                   batch_size=size.batch, max_length=size.max_length, out_dir=str(run_dir),
-                  mesh="data=1,fsdp=1,tensor=1")
+                  mesh="data=1,fsdp=1,tensor=1", **PLATFORM_DEFAULTS["cpu"])
     row: dict[str, Any] = {"task": job.task, "method": job.method, "lr_scale": job.lr_scale,
                            "seed": job.seed, "size": dataclasses.asdict(size)}
     started = time.time()

@@ -19,7 +19,7 @@ from molf_jax.data import byte_level_tokenizer
 from molf_jax.train import RunCheckpointer, train
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_spec
 from molf_jax.train.modes import build_optimizer, is_trainable
-from molf_jax.train.setup import build_params, resolve_model, target_linears
+from molf_jax.train.setup import build_params, resolve_model, target_linears, training_model
 from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.train.trees import split_tree, tree_paths
 from tiny_run import tiny_config, tiny_hf_folder
@@ -184,8 +184,7 @@ def test_fsdp_step_gathers_weights_not_activations(tiny_dir, tmp_path):
     config = tiny_config(tiny_dir, tmp_path, mode="molf", batch_size=8, mesh=mesh_spec)
     source = resolve_model(str(tiny_dir))
     params, spec = build_params(config, source, mesh, rng=jax.random.key(0))
-    model = models.build_model(source.config, lora=spec, scan_layers=config.scan_layers,
-                               remat=config.remat)
+    model = training_model(config, source.config, spec)
     trainable = is_trainable(config, target_linears(params))
     tx, _ = build_optimizer(config, total_steps=4)
     opt_state = on_mesh(jax.jit(tx.init)(split_tree(params, trainable)[0]), mesh)

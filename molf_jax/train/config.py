@@ -17,6 +17,7 @@ SCORES = ("epd", "pfn")
 REMAT = ("none", "full", "dots_saveable")
 DTYPES = ("float32", "bfloat16")
 OVERFLOWS = ("drop", "truncate_left")
+ATTENTION = ("xla", "cudnn")
 
 # One alpha for every rank: with rsLoRA the scale 16 / sqrt(r) keeps a rank-128 expert's update
 # size close to a rank-16 one's (Kalajdzievski 2023), which routing between ranks needs.
@@ -36,6 +37,8 @@ class TrainConfig:
 
     Each field's help (also ``molf-jax train --help``) says what it sets. The paper's two
     parameter groups are ``fft_*`` (the FFT expert and the non-routed leaves) and ``lora_*``.
+    Numerics and kernels left None (the default) take the platform's choice when the run starts
+    (`molf_jax.train.platform.with_platform_defaults`).
 
     Example:
       >>> TrainConfig(mode="molfe").ranks
@@ -96,11 +99,17 @@ class TrainConfig:
     overflow: str = option("drop", "examples longer than --max-length: drop (counted) or cut "
                            "the prompt from the left", choices=OVERFLOWS)
 
-    param_dtype: str = option("float32", "dtype of the parameters", choices=DTYPES,
-                              group="numerics and devices")
-    state_dtype: str = option("float32", "dtype of the optimizer moments", choices=DTYPES)
-    compute_dtype: str = option("float32", "dtype of the activations", choices=DTYPES)
-    remat: str = option("none", "rematerialisation policy of each layer", choices=REMAT)
+    param_dtype: str | None = option(
+        None, "dtype of the parameters", choices=DTYPES, group="numerics and devices",
+        default_text="the platform's: GPU and TPU bfloat16, CPU float32")
+    state_dtype: str | None = option(None, "dtype of the optimizer moments", choices=DTYPES,
+                                     default_text="the platform's, as --param-dtype")
+    compute_dtype: str | None = option(None, "dtype of the activations", choices=DTYPES,
+                                       default_text="the platform's, as --param-dtype")
+    remat: str | None = option(None, "rematerialisation policy of each layer", choices=REMAT,
+                               default_text="the platform's: GPU and TPU full, CPU none")
+    attention: str | None = option(None, "attention kernel", choices=ATTENTION,
+                                   default_text="the platform's: NVIDIA GPU cudnn, else xla")
     scan_layers: bool = option(True, "unroll the layers (default: one scanned block, faster "
                                "to compile)", flag="--no-scan-layers")
     loss_chunk: int = option(1024, "tokens per chunk of the output head and loss (bounds the "
@@ -168,7 +177,7 @@ def _check(c: TrainConfig) -> None:
     for field in dataclasses.fields(c):
         allowed = choices_of(TrainConfig, field.name)
         value = getattr(c, field.name)
-        need(allowed is None or value in allowed,
+        need(allowed is None or value in allowed or (value is None and field.default is None),
              f"unknown {field.name.replace('_', '-')} {value!r}; choose one of "
              f"{', '.join(allowed or ())}")
     ranks = c.ranks

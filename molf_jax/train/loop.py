@@ -19,18 +19,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from molf_jax import models
-from molf_jax.data import PROTOCOL_SETTINGS, BatchIterator, encode_records, load_task
+from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fixed_lengths,
+                           load_task)
 from molf_jax.run_dir import RunDir
 from molf_jax.routing import label_lora_experts, routing_table
 from molf_jax.train.checkpoint import RunCheckpointer
-from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
+from molf_jax.train.config import ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import (batch_divisor, batch_sharding, initialize_distributed,
                                  make_mesh, on_mesh)
 from molf_jax.train.modes import build_optimizer, is_trainable
-from molf_jax.train.setup import (build_params, dtype_of, load_tokenizer, model_identity,
-                                  resolve_model, target_linears)
-from molf_jax.train.step import jit_train_step, make_train_step
+from molf_jax.train.platform import describe_numerics, with_platform_defaults
+from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
+                                  target_linears, training_model, training_step)
 from molf_jax.train.trees import count_params, join_trees, split_tree
 from molf_jax.train.runlog import RunLog
 
@@ -129,6 +129,14 @@ def train(config: TrainConfig) -> RunSummary:
     # Every process runs the same steps and saves its shards of each checkpoint; the first one
     # alone writes the run's other files.
     primary = jax.process_index() == 0
+    config = with_platform_defaults(config)
+    _say(describe_numerics(config))
+    if jax.process_count() > 1 and (config.eval_before_after or config.export):
+        # Both run on one process's arrays; the checkpoint restores there on any topology.
+        _say(f"{jax.process_count()} processes: evaluation and export are left to one process "
+             f"afterwards: molf-jax export {config.out_dir}; molf-jax eval --model "
+             f"{config.out_dir}/merged")
+        config = config.replace(eval_before_after=False, export=False)
     run_dir = RunDir(config.out_dir)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.mesh)
@@ -141,16 +149,17 @@ def train(config: TrainConfig) -> RunSummary:
     tokenizer = load_tokenizer(source)
     encoded, eval_records = prepare_data(config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # A few fixed batch lengths (the cap and its halvings; the longest example's without a
+    # cap): the step compiles at most four times, whatever the data.
     iterator = BatchIterator(
         encoded, batch_size=config.batch_size, pad_id=pad_id, seed=config.seed,
         max_length=config.length_cap,
-        bucket_batches=PROTOCOL_SETTINGS[config.data_protocol].bucket_batches)
+        bucket_batches=PROTOCOL_SETTINGS[config.data_protocol].bucket_batches,
+        lengths=fixed_lengths(config.length_cap or max(len(e) for e in encoded)))
     total_steps = total_optimizer_steps(config, iterator.steps_per_epoch)
 
     params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
-    model = models.build_model(source.config, lora=spec, scan_layers=config.scan_layers,
-                               remat=config.remat, dtype=dtype_of(config.compute_dtype),
-                               param_dtype=dtype_of(config.param_dtype))
+    model = training_model(config, source.config, spec)
     trainable_fn = is_trainable(config, target_linears(params))
     optimizer, schedules = build_optimizer(config, total_steps)
     trainable, frozen = split_tree(params, trainable_fn)
@@ -197,11 +206,7 @@ def train(config: TrainConfig) -> RunSummary:
         eval_before = evaluate(config, model, params, tokenizer, eval_records)
         _say(f"eval before: {_fmt(eval_before)} ({time.time() - t0:.0f}s)")
 
-    step_fn = jit_train_step(make_train_step(
-        model, optimizer, trainable=trainable_fn, seed=config.seed,
-        loss_chunk=config.loss_chunk, dropout=bool(spec and config.lora_dropout > 0),
-        route_fft_column=config.mode in FFT_EXPERT_MODES,
-        return_routing=routed and config.routing_log_every > 0), params, opt_state)
+    step_fn = training_step(config, model, optimizer, trainable_fn, params, opt_state)
     sharding = batch_sharding(mesh)
 
     def save(step):

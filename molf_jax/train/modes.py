@@ -29,6 +29,7 @@ from molf_jax.lora import LoraExpert, LoraSpec
 from molf_jax.routing import (default_no_decay, label_lora_experts, molf_adamw, molf_gate,
                               path_to_str)
 from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig
+from molf_jax.train.platform import with_platform_defaults
 
 __all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer"]
 
@@ -90,8 +91,9 @@ def build_optimizer(config: TrainConfig, total_steps: int,
     """The mode's optimizer over the trainable tree, and its schedules by group name."""
     fft_lr = make_schedule(config, config.fft_lr, total_steps)
     lora_lr = make_schedule(config, config.lora_lr, total_steps)
+    numerics = with_platform_defaults(config)
     # optax keeps nu in the parameters' dtype; mu follows state_dtype when it differs.
-    mu_dtype = None if config.state_dtype == config.param_dtype else config.state_dtype
+    mu_dtype = None if numerics.state_dtype == numerics.param_dtype else numerics.state_dtype
 
     def adamw(lr, wd):
         return optax.adamw(lr, weight_decay=wd, mu_dtype=mu_dtype)

@@ -21,15 +21,17 @@ import jax.numpy as jnp
 from molf_jax import models
 from molf_jax.checkpoints import load_hf
 from molf_jax.lora import LoraSpec, add_lora_experts, lora_paths
-from molf_jax.train.config import ConfigError, TrainConfig
+from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import param_sharding
 from molf_jax.train.modes import lora_spec
+from molf_jax.train.platform import with_platform_defaults
+from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.train.trees import tree_paths
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSource", "resolve_model", "load_tokenizer", "build_params", "dtype_of",
-           "target_linears", "model_identity"]
+           "training_model", "training_step", "target_linears", "model_identity"]
 
 
 def dtype_of(name: str):
@@ -82,7 +84,7 @@ def load_tokenizer(source: ModelSource):
 def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Array
                  ) -> tuple[Any, LoraSpec | None]:
     """Base params (loaded straight onto the mesh, or random) plus the mode's LoRA experts."""
-    param_dtype = dtype_of(config.param_dtype)
+    param_dtype = dtype_of(with_platform_defaults(config).param_dtype)
     rule = param_sharding(mesh)
     base_key, lora_key = jax.random.split(rng)
     if source.hf_dir is not None:
@@ -104,6 +106,38 @@ def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Arr
                               "this model")
         params = jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
     return params, spec
+
+
+def training_model(config: TrainConfig, model_config: Any, spec: LoraSpec | None):
+    """The model a training step runs: the config's LoRA experts, remat, attention kernel and
+    dtypes (the platform's where the config leaves them None). The trainer and
+    `scripts/bench.py` both build their model here.
+
+    Example:
+      >>> model = training_model(config, source.config, lora_spec(config))   # doctest: +SKIP
+    """
+    config = with_platform_defaults(config)
+    return models.build_model(model_config, lora=spec, scan_layers=config.scan_layers,
+                              remat=config.remat, dtype=dtype_of(config.compute_dtype),
+                              param_dtype=dtype_of(config.param_dtype),
+                              attention_impl=config.attention)
+
+
+def training_step(config: TrainConfig, model, optimizer, trainable_fn, params: Any,
+                  opt_state: Any):
+    """The jitted, donating step ``(params, opt_state, batch) -> (params, opt_state, metrics)``
+    that the trainer runs and `scripts/bench.py` times, built from the config alone (plus the
+    trees whose shardings it keeps).
+
+    Example:
+      >>> step = training_step(config, model, optimizer, trainable_fn, params, opt_state)  # doctest: +SKIP
+    """
+    return jit_train_step(make_train_step(
+        model, optimizer, trainable=trainable_fn, seed=config.seed, loss_chunk=config.loss_chunk,
+        dropout=config.mode != "fft" and config.lora_dropout > 0,
+        route_fft_column=config.mode in FFT_EXPERT_MODES,
+        return_routing=config.mode in ROUTED_MODES and config.routing_log_every > 0),
+        params, opt_state)
 
 
 def target_linears(params: Any) -> set[str]:

@@ -1,0 +1,88 @@
+"""The benchmark times the trainer's step, and the trainer's numerics follow the platform."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from molf_jax.train import TrainConfig, build_optimizer, is_trainable, split_tree
+from molf_jax.cli.train import config_from_args
+from molf_jax.cli import build_parser
+from molf_jax.train.config import ConfigError
+from molf_jax.train.modes import lora_spec
+from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding
+from molf_jax.train.platform import with_platform_defaults
+from molf_jax.train.setup import (build_params, resolve_model, target_linears, training_model,
+                                  training_step)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench  # noqa: E402
+
+def abstract(tree, mesh):
+    rule = param_sharding(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=rule("", x.shape)), tree)
+
+
+def trainer_step_text(train_flags, numerics_of):
+    """The trainer's step for ``molf-jax train FLAGS`` (random-init preset), lowered on
+    abstract arrays, as ``train`` builds it."""
+    config = with_platform_defaults(config_from_args(build_parser().parse_args(
+        ["train", *train_flags])), numerics_of)
+    mesh = make_mesh(config.mesh)
+    source = resolve_model(config.model)
+    params = abstract(jax.eval_shape(
+        lambda key: build_params(config, source, mesh, rng=key)[0], jax.random.key(0)), mesh)
+    trainable_fn = is_trainable(config, target_linears(params))
+    trainable, _ = split_tree(params, trainable_fn)
+    tx, _ = build_optimizer(config, total_steps=1000)  # bench's schedule length
+    opt_state = abstract(jax.eval_shape(tx.init, trainable), mesh)
+    model = training_model(config, source.config, lora_spec(config))
+    step = training_step(config, model, tx, trainable_fn, params, opt_state)
+    return step.lower(params, opt_state, _batch(config, mesh)).as_text()
+
+
+def _batch(config, mesh):
+    ids = jax.ShapeDtypeStruct((1, config.batch_size, config.max_length), np.int32,
+                               sharding=batch_sharding(mesh))
+    return {"input_ids": ids, "attention_mask": ids, "loss_mask": ids, "step": np.int32(0)}
+
+
+def bench_step_text(bench_flags):
+    setup = bench.setup(bench.parse_args(bench_flags))
+    params = abstract(jax.eval_shape(setup.initial_params), setup.mesh)
+    trainable_fn = is_trainable(setup.config, target_linears(params))
+    trainable, _ = split_tree(params, trainable_fn)
+    opt_state = abstract(jax.eval_shape(setup.tx.init, trainable), setup.mesh)
+    step = bench.train_step(setup, setup.model(), trainable_fn, params, opt_state)
+    return step.lower(params, opt_state, _batch(setup.config, setup.mesh)).as_text()
+
+
+def test_bench_times_the_step_the_trainer_runs_from_the_same_settings():
+    """One setting each way: the bench's flags and the trainer's for the same run lower to the
+    same program, with the GPU's numerics (bf16, full remat) on this CPU; a different remat
+    in the trainer gives a different one."""
+    common = ["--model", "qwen2.5-0.5b", "--mode", "molf", "--lora-ranks", "4",
+              "--mesh", "fsdp=1", "--loss-chunk", "2048", "--attention", "xla"]
+    timed = bench_step_text([*common, "--batch", "4", "--length", "32", "--numerics-of", "gpu"])
+    trainer = [*common, "--batch-size", "4", "--max-length", "32", "--lora-dropout", "0"]
+    assert trainer_step_text(trainer, "gpu") == timed
+    assert "bf16" in timed
+    assert trainer_step_text([*trainer, "--remat", "none"], "gpu") != timed
+
+
+def test_platform_defaults_fill_only_what_the_config_leaves_open():
+    gpu = with_platform_defaults(TrainConfig(), "gpu")
+    assert (gpu.attention, gpu.param_dtype, gpu.state_dtype, gpu.compute_dtype, gpu.remat) == \
+        ("cudnn", "bfloat16", "bfloat16", "bfloat16", "full")
+    cpu = with_platform_defaults(TrainConfig(), "cpu")
+    assert (cpu.attention, cpu.param_dtype, cpu.state_dtype, cpu.compute_dtype, cpu.remat) == \
+        ("xla", "float32", "float32", "float32", "none")
+    assert with_platform_defaults(TrainConfig(), "tpu").attention == "xla"
+    chosen = with_platform_defaults(TrainConfig(param_dtype="float32", attention="xla"), "gpu")
+    assert (chosen.param_dtype, chosen.attention, chosen.state_dtype) == \
+        ("float32", "xla", "bfloat16")
+    with pytest.raises(ConfigError, match="unknown attention 'flash'"):
+        TrainConfig(attention="flash")
