@@ -13,6 +13,7 @@ from molf_jax.data import (
     encode_example,
     encode_examples,
     encode_records,
+    fixed_lengths,
     load_task,
     render_example,
 )
@@ -159,3 +160,22 @@ def test_restore_rejects_a_state_from_another_setup():
         it.restore({"epoch": 0, "index": 1, "seed": 1, "num_examples": 3, "batch_size": 2})
     with pytest.raises(ValueError, match="num_examples=9"):
         it.restore({"epoch": 0, "index": 1, "seed": 0, "num_examples": 9, "batch_size": 2})
+
+
+def test_fixed_lengths_bound_the_batch_shapes():
+    assert fixed_lengths(512) == (64, 128, 256, 512)
+    rng = np.random.default_rng(0)
+    examples = [EncodedExample(np.full(n, 7, np.int32), np.ones(n, np.int32))
+                for n in rng.integers(5, 512, 300)]
+    it = BatchIterator(examples, batch_size=4, pad_id=PAD, seed=0, num_epochs=1,
+                       lengths=fixed_lengths(512))
+    shapes = set()
+    for batch in it:
+        length = batch["input_ids"].shape[1]
+        longest = int(batch["attention_mask"].sum(1).max())
+        # the shortest allowed length that holds the batch's longest row
+        assert length == min(n for n in (64, 128, 256, 512) if n >= longest)
+        shapes.add(length)
+    assert shapes == {64, 128, 256, 512}
+    with pytest.raises(ValueError, match="more than the longest batch length 64"):
+        BatchIterator(examples, batch_size=4, pad_id=PAD, lengths=(32, 64))

@@ -54,7 +54,7 @@ from molf_jax.data._encode import (
     prompt_ids,
     target_ids,
 )
-from molf_jax.data._batching import Batch, BatchIterator, pad_right
+from molf_jax.data._batching import Batch, BatchIterator, fixed_lengths, pad_right
 
 # An offline tokenizer for tiny models and tests.
 from molf_jax.data._byte_tokenizer import byte_level_tokenizer
@@ -73,6 +73,7 @@ __all__ = [
     "TASKS",
     "Batch",
     "BatchIterator",
+    "fixed_lengths",
     "EncodeStats",
     "EncodedExample",
     "Example",

@@ -64,6 +64,23 @@ def pad_right(
     return batch
 
 
+def fixed_lengths(max_length: int, count: int = 4, multiple: int = 32) -> tuple[int, ...]:
+    """``count`` padded lengths for batches of examples up to ``max_length`` tokens: halvings
+    of ``max_length`` rounded up to ``multiple``, so a training run compiles its step at most
+    ``count`` times (one per length) and pads a batch to at most twice its longest example.
+
+    Example:
+      >>> fixed_lengths(512)
+      (64, 128, 256, 512)
+      >>> fixed_lengths(100)
+      (32, 64, 100)
+    """
+    lengths = {max_length}
+    for k in range(1, count):
+        lengths.add(max(multiple, -(-(max_length >> k) // multiple) * multiple))
+    return tuple(sorted(n for n in lengths if n <= max_length))
+
+
 class BatchIterator:
     """Yields training batches over epochs; resumable through :meth:`state`/:meth:`restore`.
 
@@ -77,6 +94,8 @@ class BatchIterator:
       bucket_batches: batches per length-sorting window (None or 1: no length bucketing).
       pad_to_multiple_of: round each batch's length up to a multiple of this, so the number of
         distinct shapes (and jit compilations) stays small.
+      lengths: if given, the only padded lengths batches take (each pads to the shortest one
+        that holds its longest example; see `fixed_lengths`), overriding ``pad_to_multiple_of``.
       max_length: cap on the padded length (examples must already fit).
       state: a position from :meth:`state` to start from.
 
@@ -102,6 +121,7 @@ class BatchIterator:
         bucket_batches: int | None = 32,
         pad_to_multiple_of: int = 32,
         max_length: int | None = None,
+        lengths: Sequence[int] | None = None,
         state: dict[str, Any] | None = None,
     ):
         if not examples:
@@ -122,6 +142,10 @@ class BatchIterator:
         self.bucket_batches = bucket_batches or 1
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_length = max_length
+        self.lengths = sorted(lengths) if lengths else None
+        if self.lengths and max(self._lengths) > self.lengths[-1]:
+            raise ValueError(f"an example has {max(self._lengths)} tokens, more than the longest "
+                             f"batch length {self.lengths[-1]}")
         self._epoch, self._index = 0, 0
         self._plan_epoch, self._plan = -1, []
         if state is not None:
@@ -179,10 +203,13 @@ class BatchIterator:
 
     def _batch(self, rows: list[int], real: int) -> Batch:
         longest = max(self._lengths[i] for i in rows)
-        m = self.pad_to_multiple_of
-        length = -(-longest // m) * m
-        if self.max_length is not None:
-            length = min(length, self.max_length)
+        if self.lengths:
+            length = next(n for n in self.lengths if n >= longest)
+        else:
+            m = self.pad_to_multiple_of
+            length = -(-longest // m) * m
+            if self.max_length is not None:
+                length = min(length, self.max_length)
         return pad_right(
             [self._examples[i] for i in rows],
             pad_id=self.pad_id,
