@@ -80,8 +80,12 @@ def test_readme_tables_are_the_scripts_output(capsys):
 
     results = json.loads((ROOT / "reproduce_results" / "results.json").read_text())
     assert block("python scripts/reproduce.py --render") == reproduce.render(results).strip()
-    load_script("bench_table").main()
-    assert block("python scripts/bench_table.py") == capsys.readouterr().out.strip()
+    bench_table = load_script("bench_table")
+    for section, marker in (("speed", ""), ("memory-model", " --memory-model"),
+                            ("trainer", " --trainer")):
+        bench_table.main(section=section)
+        assert block(f"python scripts/bench_table.py{marker}") == \
+            capsys.readouterr().out.strip(), section
 
 
 @pytest.fixture(scope="module")
