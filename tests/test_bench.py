@@ -1,5 +1,6 @@
 """The benchmark times the trainer's step, and the trainer's numerics follow the platform."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -86,3 +87,20 @@ def test_platform_defaults_fill_only_what_the_config_leaves_open():
         ("float32", "xla", "bfloat16")
     with pytest.raises(ConfigError, match="unknown attention 'flash'"):
         TrainConfig(attention="flash")
+
+
+def test_routed_step_keeps_no_copy_of_the_old_adam_moments():
+    """A skipped (non-finite) step keeps the old state through a branch, not a select: with the
+    select XLA copied old moments for the fused parameter update (here the embedding's and the
+    norms'; at Qwen2.5-3B on the H200 the MLP kernels', 9.1 GiB)."""
+    setup = bench.setup(bench.parse_args(["--model", "qwen2.5-0.5b", "--layers", "2", "--mode",
+                                          "molf", "--lora-ranks", "4", "--mesh", "fsdp=1"]))
+    params = abstract(jax.eval_shape(setup.initial_params), setup.mesh)
+    trainable_fn = is_trainable(setup.config, target_linears(params))
+    opt_state = abstract(jax.eval_shape(setup.tx.init, split_tree(params, trainable_fn)[0]),
+                         setup.mesh)
+    step = bench.train_step(setup, setup.model(), trainable_fn, params, opt_state)
+    config = setup.config.replace(batch_size=2, max_length=32)
+    hlo = step.lower(params, opt_state, _batch(config, setup.mesh)).compile().as_text()
+    copied = re.findall(r"copy\(%(opt_state\w*__(?:mu|nu)__\w*)", hlo)
+    assert not copied, copied[:4]
