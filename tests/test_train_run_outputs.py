@@ -22,7 +22,7 @@ from molf_jax import models
 from molf_jax.cli import main as cli_main
 from molf_jax.routing import MolfRouteState
 from molf_jax.train import load_run
-from molf_jax.train import loop as train_loop
+from molf_jax.train import setup as train_setup
 
 STEPS = 5
 FACT_METRICS = {"efficacy_score", "paraphrase_score", "neighborhood_score"}
@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     model_dir = tiny_hf_folder(root / "tiny-gemma3", family="gemma3")
     run_dir = root / "run"
     winners = []
-    jit_step = train_loop.jit_train_step
+    jit_step = train_setup.jit_train_step  # the trainer jits its step in training_step
 
     def recording_jit(step_fn, params, opt_state):
         step = jit_step(step_fn, params, opt_state)
@@ -57,7 +57,7 @@ def run(tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), \
             contextlib.redirect_stderr(stderr):
-        patch.setattr(train_loop, "jit_train_step", recording_jit)
+        patch.setattr(train_setup, "jit_train_step", recording_jit)
         status = cli_main([
             "train", "--model", str(model_dir), "--mode", "molfe", "--lora-ranks", "2", "8",
             "--top-k", "1", "--task", "fact", "--task-size", "8", "--batch-size", "4",

@@ -52,7 +52,8 @@ def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float
 
     from molf_jax.train.mesh import make_mesh
     from molf_jax.train.modes import build_optimizer, is_trainable
-    from molf_jax.train.setup import build_params, dtype_of, resolve_model, target_linears
+    from molf_jax.train.setup import (build_params, resolve_model, target_linears,
+                                      training_model)
 
     source = resolve_model(config.model)
     params, spec = build_params(config, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
@@ -61,9 +62,7 @@ def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: jnp.asarray(0.02 * rng.standard_normal(x.shape), x.dtype)
             if getattr(p[-1], "key", None) == "b" else x, params)
-    model = models.build_model(source.config, lora=spec, scan_layers=config.scan_layers,
-                               dtype=dtype_of(config.compute_dtype),
-                               param_dtype=dtype_of(config.param_dtype))
+    model = training_model(config, source.config, spec)
     trainable = is_trainable(config, target_linears(params))
     optimizer, _ = build_optimizer(config, total_steps=8, max_grad_norm=max_grad_norm)
     return model, params, trainable, optimizer
