@@ -17,10 +17,13 @@ from molf_jax.routing._scores import ExpertInfo, Score, epd, pfn, resolve_score
 
 # Transforms.
 from molf_jax.routing._route import MolfRouteState, molf_route
-from molf_jax.routing._recipes import default_no_decay, molf_adamw, param_groups
+from molf_jax.routing._recipes import (NO_DECAY_LEAVES, OPTIMIZER_GROUPS, default_no_decay,
+                                       molf_adamw, param_groups)
 from molf_jax.routing._gate import MolfGateState, molf_gate
 
 __all__ = [
+    "NO_DECAY_LEAVES",
+    "OPTIMIZER_GROUPS",
     "ExpertInfo",
     "ExpertLabel",
     "MolfGateState",

@@ -2,12 +2,13 @@
 
 FFT leaves (base kernels, embeddings, unrouted linears) use the FFT learning rate and weight
 decay, LoRA leaves the LoRA ones, and biases and norm scales get no weight decay; the routing
-reads the same learning rates, so EPD always sees each expert's real step size.
+reads the same learning rates, so EPD always sees each expert's real step size. Every argument
+but the labels may be injected: ``optax.inject_hyperparams(molf_adamw)(labels, ...)`` exposes
+the rates in the state, where EPD reads them too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,26 +19,42 @@ from molf_jax.routing._route import molf_route
 from molf_jax.routing._scores import Score
 from molf_jax.routing._table import flatten_labels
 
-__all__ = ["molf_adamw", "param_groups", "default_no_decay"]
+__all__ = ["NO_DECAY_LEAVES", "OPTIMIZER_GROUPS", "default_no_decay", "molf_adamw",
+           "param_groups"]
 
 FFT, FFT_NO_DECAY, LORA = "fft", "fft_no_decay", "lora"
+# The groups of `param_groups`, each one AdamW of the recipe.
+OPTIMIZER_GROUPS = (FFT, FFT_NO_DECAY, LORA)
+# Leaf names that take no weight decay in the paper's recipe: biases and norm scales.
+NO_DECAY_LEAVES = ("bias", "scale")
 
 
 def default_no_decay(path: str) -> bool:
-    """Biases and norm scales take no weight decay (paper recipe)."""
-    return path.rsplit("/", 1)[-1] in ("bias", "scale")
+    """Whether the leaf at ``path`` ("a/b/bias") takes no weight decay (`NO_DECAY_LEAVES`)."""
+    return path.rsplit("/", 1)[-1] in NO_DECAY_LEAVES
 
 
-def param_groups(params: Any, labels: Any,
-                 no_decay: Callable[[str], bool] = default_no_decay) -> Any:
-    """Labels each leaf ``'fft'``, ``'fft_no_decay'`` or ``'lora'`` for ``optax.partition``."""
+def param_groups(params: Any, labels: Any, no_decay: tuple[str, ...] = NO_DECAY_LEAVES) -> Any:
+    """Labels each leaf ``'fft'``, ``'fft_no_decay'`` or ``'lora'`` for ``optax.partition``.
+
+    Args:
+      params: the parameter tree.
+      labels: its expert labels (or a callable ``params -> labels``); experts >= 1 are LoRA.
+      no_decay: names of the leaves (last path component) that take no weight decay.
+
+    Example:
+      >>> import numpy as np
+      >>> params = {"q": {"kernel": np.zeros(2), "bias": np.zeros(2)}}
+      >>> param_groups(params, {"q": {"kernel": None, "bias": None}})
+      {'q': {'bias': 'fft_no_decay', 'kernel': 'fft'}}
+    """
     label_leaves = flatten_labels(labels, params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
 
     def group(path, label: ExpertLabel | None):
         if label is not None and label.expert > 0:
             return LORA
-        return FFT_NO_DECAY if no_decay(path_to_str(path)) else FFT
+        return FFT_NO_DECAY if path_to_str(path).rsplit("/", 1)[-1] in no_decay else FFT
 
     return jax.tree.unflatten(treedef, [group(p, l) for (p, _), l in zip(flat, label_leaves)])
 
@@ -55,21 +72,34 @@ def molf_adamw(
     mu_dtype=None,
     top_k: int = 1,
     score: str | Score = "epd",
-    no_decay: Callable[[str], bool] = default_no_decay,
+    no_decay: tuple[str, ...] = NO_DECAY_LEAVES,
+    groups: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """MoLF's routed AdamW with separate FFT and LoRA learning rates and weight decays.
 
     Args:
-      labels: expert labels or a callable ``params -> labels`` (e.g. `label_lora_experts`).
+      labels: expert labels or a callable ``params -> labels`` (e.g. `label_lora_experts`);
+        under ``optax.inject_hyperparams`` give the label tree (a callable would be taken for
+        a schedule) or name it in ``static_args``.
       fft_learning_rate, lora_learning_rate: floats or optax schedules.
       fft_weight_decay, lora_weight_decay: decoupled weight decay of each group.
       b1, b2, eps, mu_dtype: Adam hyperparameters shared by all groups.
       top_k, score: routing choices, see `molf_route`.
-      no_decay: ``path -> bool``, leaves that take no weight decay (default: biases, norms).
+      no_decay: names of the leaves that take no weight decay (default: biases, norm scales).
+      groups: the `param_groups` tree when already known (e.g. from
+        ``molf_jax.param_roles``); default: derived from ``labels`` and ``no_decay``.
 
     Example:
       >>> tx = molf_adamw(label_lora_experts, fft_learning_rate=1e-4, lora_learning_rate=5e-4)
+      >>> # Rates in the state, readable and changeable at run time (EPD reads them there):
+      >>> tx = optax.inject_hyperparams(molf_adamw)(label_lora_experts(params),
+      ...                                           fft_learning_rate=1e-4,
+      ...                                           lora_learning_rate=5e-4)
     """
+    if labels is None:
+        raise ValueError("molf_adamw: labels is None; under optax.inject_hyperparams a callable "
+                         "is taken for a schedule: pass the label tree (label_lora_experts("
+                         "params)) or static_args='labels'")
 
     def adamw(lr, wd):
         return optax.adamw(lr, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=wd)
@@ -80,7 +110,7 @@ def molf_adamw(
             FFT_NO_DECAY: adamw(fft_learning_rate, 0.0),
             LORA: adamw(lora_learning_rate, lora_weight_decay),
         },
-        lambda params: param_groups(params, labels, no_decay),
+        groups if groups is not None else lambda params: param_groups(params, labels, no_decay),
     )
     return molf_route(
         inner,

@@ -21,7 +21,8 @@ from molf_jax.routing._moments import find_moments
 from molf_jax.routing._scores import ExpertInfo, Score, resolve_score
 from molf_jax.routing._table import RoutingTable, build_routing_table
 
-__all__ = ["MolfRouteState", "molf_route", "expert_learning_rates", "top_k_mask"]
+__all__ = ["MolfRouteState", "molf_route", "expert_learning_rates", "injected_learning_rate",
+           "top_k_mask"]
 
 LearningRateSpec = Any  # float, schedule, or a mapping {'fft'|'lora'|expert index: either}
 
@@ -49,7 +50,7 @@ def molf_route(
     inner: optax.GradientTransformation,
     labels: Any,
     *,
-    learning_rate: LearningRateSpec,
+    learning_rate: LearningRateSpec | None = None,
     top_k: int = 1,
     score: str | Score = "epd",
 ) -> optax.GradientTransformationExtraArgs:
@@ -64,7 +65,10 @@ def molf_route(
       learning_rate: each expert's learning rate as the inner optimizer uses it, for the EPD
         score: a float or schedule for all experts, or a mapping with keys ``'fft'`` (expert 0),
         ``'lora'`` (experts >= 1) and/or integer expert indices (which take precedence). A
-        schedule is evaluated at this transform's own step count, as optax does.
+        schedule is evaluated at this transform's own step count, as optax does. None (the
+        default): read the rate the inner optimizer applied this step from its state, which
+        needs an inner optimizer built with ``optax.inject_hyperparams`` (one rate for all
+        experts).
       top_k: experts kept per module and step; ties go to the lower expert index.
       score: ``"epd"`` (paper default), ``"pfn"``, or a `Score`.
 
@@ -75,10 +79,16 @@ def molf_route(
       >>> tx = molf_route(optax.adamw(1e-3), label_lora_experts, learning_rate=1e-3)
       >>> state = tx.init(params)
       >>> updates, state = tx.update(grads, state, params)
+      >>> # The rate read from the inner optimizer, which may then change it at run time:
+      >>> tx = molf_route(optax.inject_hyperparams(optax.adamw)(1e-3), label_lora_experts)
     """
+    _check_wraps_an_optimizer(inner, labels)
     score_fn = resolve_score(score)
     _check_top_k_type(top_k)
     inner = optax.with_extra_args_support(inner)
+
+    def rates(inner_state):
+        return injected_learning_rate(inner_state) if learning_rate is None else learning_rate
 
     def init_fn(params):
         table = build_routing_table(labels, params)
@@ -86,7 +96,7 @@ def molf_route(
         inner_state = inner.init(params)
         if score_fn.uses_moments:
             _check_moments(table, find_moments(inner_state, table.num_leaves)[0])
-        expert_learning_rates(table, learning_rate, jnp.zeros((), jnp.int32))
+        expert_learning_rates(table, rates(inner_state), jnp.zeros((), jnp.int32))
         shape = table.valid.shape
         return MolfRouteState(
             count=jnp.zeros((), jnp.int32),
@@ -109,7 +119,7 @@ def molf_route(
                            jax.tree.leaves(params))
         info = ExpertInfo(
             num_params=jnp.asarray(np.where(table.valid, table.num_params, 1), jnp.float32),
-            learning_rate=expert_learning_rates(table, learning_rate, state.count),
+            learning_rate=expert_learning_rates(table, rates(inner_state), state.count),
             count=state.count,
         )
         scores = jnp.asarray(score_fn.combine(sums, info))
@@ -197,6 +207,25 @@ def expert_learning_rates(table: RoutingTable, spec: LearningRateSpec, count) ->
     return jnp.broadcast_to(jnp.stack(rates), table.valid.shape)
 
 
+def injected_learning_rate(inner_state: optax.OptState) -> jax.Array:
+    """The ``learning_rate`` an ``optax.inject_hyperparams`` optimizer applied last.
+
+    Raises:
+      ValueError: the state holds no such rate, or several (say which expert takes which).
+    """
+    # Arrays only: inject_hyperparams also keeps each schedule's own state under the name.
+    found = optax.tree_utils.tree_get_all_with_path(
+        inner_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array))
+    if not found:
+        raise ValueError("molf_route: give learning_rate=, or wrap an optimizer built with "
+                         "optax.inject_hyperparams (e.g. optax.inject_hyperparams(optax.adamw)"
+                         "(1e-3)) so its rate can be read")
+    if len(found) > 1:
+        raise ValueError(f"molf_route: the inner optimizer holds {len(found)} learning rates; "
+                         "give learning_rate={'fft': ..., 'lora': ...}")
+    return found[0][1]
+
+
 def _rate_for(spec, expert):
     if not isinstance(spec, Mapping):
         return spec
@@ -214,12 +243,28 @@ def _f32(x):
     return None if x is None else jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _check_wraps_an_optimizer(inner, labels):
+    if isinstance(labels, optax.GradientTransformation) or not isinstance(
+            inner, optax.GradientTransformation):
+        raise TypeError("molf_route: wrap the optimizer: molf_route(optax.adamw(...), labels, "
+                        "...); the chain form is molf_gate")
+
+
 def _check_top_k_type(top_k):
+    if isinstance(top_k, jax.Array) and top_k.ndim == 0 and jnp.issubdtype(top_k.dtype,
+                                                                             jnp.integer):
+        # Injected by optax.inject_hyperparams; checked against the table where concrete.
+        return
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"molf_route: top_k must be an integer >= 1, got {top_k!r}")
 
 
 def _check_top_k(table: RoutingTable, top_k: int):
+    if isinstance(top_k, jax.core.Tracer):
+        return
+    top_k = int(top_k)
+    if top_k < 1:
+        raise ValueError(f"molf_route: top_k must be an integer >= 1, got {top_k!r}")
     counts = table.expert_counts()
     too_few = [name for name, c in zip(table.module_names, counts) if c < top_k]
     if too_few:
