@@ -35,6 +35,7 @@ __all__ = [
     "lora_paths",
     "merge_lora",
     "strip_lora",
+    "targets_match",
 ]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -121,10 +122,21 @@ class LoraSpec:
 
     def matches(self, module_path: str) -> bool:
         """Whether the linear at ``module_path`` (``"layers/3/mlp/up_proj"``) gets experts."""
-        name = module_path.rsplit("/", 1)[-1]
-        if name in _NEVER_TARGETED:
-            return False
-        return any(t == name or re.fullmatch(t, module_path) for t in self.targets)
+        return targets_match(self.targets, module_path)
+
+
+def targets_match(targets: tuple[str, ...], module_path: str) -> bool:
+    """Whether ``module_path`` is named by ``targets`` (module names or full-path patterns, as
+    ``LoraSpec.targets``); ``lm_head`` and ``embed_tokens`` never are.
+
+    Example:
+      >>> targets_match(("q_proj",), "layers/0/self_attn/q_proj")
+      True
+    """
+    name = module_path.rsplit("/", 1)[-1]
+    if name in _NEVER_TARGETED:
+        return False
+    return any(t == name or re.fullmatch(t, module_path) for t in targets)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from molf_jax.adalora import ADALORA_KEY, AdaLoraSpec
 from molf_jax.lora import LoraSpec, lora_a_init
 from molf_jax.models.merged_lora import merged_lora_linear
 
@@ -143,6 +144,8 @@ class LoraLinear(nn.Module):
         kernel = kernel.astype(self.dtype)
         if self.lora is None or not self.lora.matches("/".join(self.path)):
             return _add_bias(jnp.dot(x, kernel), bias, self.dtype)
+        if isinstance(self.lora, AdaLoraSpec):
+            return self._adalora(x, kernel, bias, fan_in)
         pairs = [_LoraPair(fan_in, expert.rank, self.features, self.param_dtype,
                            name=f"lora_{i}")() for i, expert in enumerate(self.lora.experts, 1)]
         a = tuple(a_i.astype(self.dtype) for a_i, _ in pairs)
@@ -155,6 +158,16 @@ class LoraLinear(nn.Module):
         if dropout:
             x = nn.Dropout(self.lora.dropout, deterministic=False)(x)
         return y + _experts_delta(x, a, b, self.lora.scales)
+
+    def _adalora(self, x, kernel, bias, fan_in):
+        """peft's SVDLinear: ``y + s * ((dropout(x) @ (a * e)) @ b)``."""
+        spec = self.lora
+        a, e, b = (t.astype(self.dtype) for t in _SvdTriplet(
+            fan_in, spec.init_r, self.features, self.param_dtype, name=ADALORA_KEY)())
+        y = _add_bias(jnp.dot(x, kernel), bias, self.dtype)
+        if spec.dropout > 0.0 and not self.deterministic:
+            x = nn.Dropout(spec.dropout, deterministic=False)(x)
+        return y + jnp.dot(jnp.dot(x, a * e), b) * jnp.asarray(spec.scale, self.dtype)
 
 
 def _add_bias(y, bias, dtype):
@@ -183,6 +196,21 @@ class _LoraPair(nn.Module):
         a = self.param("a", lora_a_init, (self.fan_in, self.rank), self.param_dtype)
         b = self.param("b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
         return a, b
+
+
+class _SvdTriplet(nn.Module):
+    fan_in: int
+    rank: int
+    features: int
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self):
+        factor_init = nn.initializers.normal(0.02)  # peft: A, B ~ N(0, 0.02), E = 0
+        a = self.param("a", factor_init, (self.fan_in, self.rank), self.param_dtype)
+        e = self.param("e", nn.initializers.zeros, (self.rank,), self.param_dtype)
+        b = self.param("b", factor_init, (self.rank, self.features), self.param_dtype)
+        return a, e, b
 
 
 class GatedMLP(nn.Module):

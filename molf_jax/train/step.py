@@ -43,7 +43,8 @@ def find_route_state(opt_state: Any) -> MolfRouteState | MolfGateState | None:
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
                     trainable: Callable[[str], bool], seed: int = 0, loss_chunk: int = 1024,
                     dropout: bool = True, route_fft_column: bool = False,
-                    return_routing: bool = True) -> Callable:
+                    return_routing: bool = True,
+                    regularizer: Callable[[Any], jax.Array] | None = None) -> Callable:
     """Builds the (unjitted) training step for a flax causal LM.
 
     Args:
@@ -55,6 +56,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
       dropout: run the model in training mode (LoRA dropout).
       route_fft_column: report the fraction of routed modules that chose expert 0.
       return_routing: include this step's routing winners and scores in the metrics.
+      regularizer: ``trainable params -> scalar`` added to the loss's gradient once per
+        optimizer step (AdaLoRA's weighted orthogonality penalty); reported as
+        ``metrics['regularizer']``, while ``metrics['loss']`` stays the task loss.
 
     Returns:
       ``train_step(params, opt_state, batch)``; ``batch`` holds ``input_ids``,
@@ -110,8 +114,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
                  batch["loss_mask"]))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, train_params)
-        loss = loss_sum / denom
         grad_norm = optax.tree.norm(grad_sum) / denom
+        penalty = None
+        if regularizer is not None:
+            penalty, penalty_grads = jax.value_and_grad(regularizer)(train_params)
+            grads = jax.tree.map(lambda g, r: (g + r).astype(g.dtype), grads, penalty_grads)
+            grad_norm = optax.tree.norm(grads)
+        loss = loss_sum / denom
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(operands):
@@ -133,6 +142,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
 
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                    "skipped": jnp.logical_not(finite)}
+        if penalty is not None:
+            metrics["regularizer"] = penalty
         route = find_route_state(new_opt_state)
         if route is not None:
             if route_fft_column:

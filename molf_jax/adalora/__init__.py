@@ -1,0 +1,52 @@
+"""AdaLoRA (Zhang et al., ICLR 2023) in JAX, step for step as peft implements it.
+
+SVD-form adapters ``W + s * (a * e) @ b`` on the target linears, an orthogonality penalty for
+the loss, and the rank allocator as an optax wrapper around the inner AdamW.
+
+Example:
+  >>> spec = AdaLoraSpec(init_r=12, alpha=8)
+  >>> params = add_adalora(params, spec, jax.random.key(0))                  # doctest: +SKIP
+  >>> tx = adalora_allocate(optax.adamw(5e-4), AdaLoraSchedule(total_step=1000))
+  >>> loss = task_loss + 0.5 * orth_regularizer(params)                      # doctest: +SKIP
+"""
+
+# Adapters
+from molf_jax.adalora._adapters import (
+    ADALORA_KEY,
+    AdaLoraSpec,
+    add_adalora,
+    adalora_triplets,
+    delta_kernel,
+    is_adalora_path,
+    merge_adalora,
+    orth_regularizer,
+    strip_adalora,
+)
+
+# Rank allocator
+from molf_jax.adalora._allocator import (
+    AdaLoraAllocatorState,
+    AdaLoraSchedule,
+    adalora_allocate,
+    apply_rank_pattern,
+    find_allocator_state,
+    rank_pattern,
+)
+
+__all__ = [
+    "ADALORA_KEY",
+    "AdaLoraAllocatorState",
+    "AdaLoraSchedule",
+    "AdaLoraSpec",
+    "adalora_allocate",
+    "adalora_triplets",
+    "add_adalora",
+    "apply_rank_pattern",
+    "delta_kernel",
+    "find_allocator_state",
+    "is_adalora_path",
+    "merge_adalora",
+    "orth_regularizer",
+    "rank_pattern",
+    "strip_adalora",
+]
