@@ -32,6 +32,9 @@ class RunDir:
       routing: ``routing.jsonl``, per logged step each module's winners and scores.
       tensorboard: ``tensorboard/``, event files when ``--tensorboard`` is on.
       checkpoints: ``checkpoints/``, orbax steps of the trainable leaves and optimizer state.
+      damaged_checkpoints: ``checkpoints.damaged/``, steps that failed to restore, set aside.
+      step_logs: the JSON-lines logs keyed by ``step`` (metrics, routing) that a resume cuts
+        back to its checkpoint's step.
       merged: ``merged/``, the HF folder with the experts folded in.
       adapter: ``adapter/``, the PEFT adapter (lora and molfe runs with a frozen base).
       plots: ``plots/``, the PNGs of ``molf-jax plot``.
@@ -49,6 +52,8 @@ class RunDir:
     routing = property(lambda self: self.path / "routing.jsonl")
     tensorboard = property(lambda self: self.path / "tensorboard")
     checkpoints = property(lambda self: self.path / "checkpoints")
+    damaged_checkpoints = property(lambda self: self.path / "checkpoints.damaged")
+    step_logs = property(lambda self: (self.metrics, self.routing))
     merged = property(lambda self: self.path / "merged")
     adapter = property(lambda self: self.path / "adapter")
     plots = property(lambda self: self.path / "plots")

@@ -121,8 +121,11 @@ class TrainConfig:
     mesh: str = option("data=1,fsdp=-1,tensor=1", "device mesh axis sizes (-1: all remaining "
                        "devices)")
 
-    save_every: int = option(0, "checkpoint every N optimizer steps (0: only at the end)",
-                             group="logging and checkpoints")
+    save_every: int = option(0, "checkpoint every N optimizer steps (0: only by time and at "
+                             "the end)", group="logging and checkpoints")
+    # Every 2 minutes: a killed main job loses at most that much, at any model size.
+    save_every_minutes: float = option(2.0, "also checkpoint every M minutes of training "
+                                       "(0: off); the last step is always saved")
     keep_checkpoints: int = option(2, "checkpoints kept on disk")
     log_every: int = option(1, "write metrics every N steps")
     routing_log_every: int = option(1, "write winners and scores every N steps (0: never)")
@@ -213,5 +216,7 @@ def _check(c: TrainConfig) -> None:
     need(c.task_size >= 1, f"task-size must be >= 1, got {c.task_size}")
     need(c.max_nonfinite >= 1, "max-nonfinite must be >= 1")
     need(c.loss_chunk >= 1, "loss-chunk must be >= 1")
+    need(c.save_every_minutes >= 0,
+         f"save-every-minutes must be >= 0, got {c.save_every_minutes}")
     need(c.save_every >= 0 and c.log_every >= 1 and c.routing_log_every >= 0,
          "save-every >= 0, log-every >= 1, routing-log-every >= 0")

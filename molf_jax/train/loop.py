@@ -14,13 +14,14 @@ import math
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fixed_lengths,
                            load_task)
+from molf_jax.paths import writable_folder
 from molf_jax.run_dir import RunDir
 from molf_jax.routing import label_lora_experts, routing_table
 from molf_jax.train.checkpoint import RunCheckpointer
@@ -137,8 +138,7 @@ def train(config: TrainConfig) -> RunSummary:
              f"afterwards: molf-jax export {config.out_dir}; molf-jax eval --model "
              f"{config.out_dir}/merged")
         config = config.replace(eval_before_after=False, export=False)
-    run_dir = RunDir(config.out_dir)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(writable_folder(config.out_dir, "--out-dir"))
     mesh = make_mesh(config.mesh)
     rows_divisor = batch_divisor(mesh)
     if config.batch_size % rows_divisor:
@@ -167,23 +167,26 @@ def train(config: TrainConfig) -> RunSummary:
     identity = model_identity(config, source, params)
 
     checkpointer = RunCheckpointer(run_dir, keep=config.keep_checkpoints)
-    start_step, skipped_total = 0, 0
-    if config.resume:
+    start_step, before = 0, _RunTotals()
+    if config.resume and checkpointer.latest_step() is None and run_dir.config.is_file():
+        _say(f"--resume: {run_dir} has no finished checkpoint; starting the run again from "
+             "step 0 (its logs are cleared)")
+    elif config.resume:
         trainable, opt_state, meta = checkpointer.restore(trainable, opt_state,
-                                                          identity=identity)
+                                                          identity=identity, say=_say)
         params = join_trees(trainable, frozen)
         opt_state = on_mesh(opt_state, mesh)
         iterator.restore(meta["data"])
-        start_step, skipped_total = int(meta["step"]), int(meta.get("skipped", 0))
+        start_step, before = int(meta["step"]), _RunTotals.from_meta(meta)
         _say(f"resuming {run_dir} at step {start_step}")
-    elif checkpointer.latest_step() is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
-                          "that run or choose another --out-dir")
+    else:
+        _refuse_used_run_dir(run_dir, checkpointer)
     if primary:
         run_dir.config.write_text(json.dumps(config.to_dict(), indent=1))
 
     routed = config.mode in ROUTED_MODES
-    log = RunLog(run_dir, tensorboard=config.tensorboard, write=primary)
+    log = RunLog(run_dir, tensorboard=config.tensorboard,
+                 resume_step=start_step if config.resume else None, write=primary)
     if routed:
         table = routing_table(label_lora_experts, trainable)
         log.write_routing_table(table.module_names, _expert_labels(config), table.valid)
@@ -200,8 +203,8 @@ def train(config: TrainConfig) -> RunSummary:
         _say("main job: with these settings about 5 minutes on a 2-core CPU (measured: model "
              "conversion 45 s the first time, evaluations 35 s each, compilation 1 min, "
              "24 steps of ~7 s, export); the progress bar shows the ETA")
-    eval_before = None
-    if config.eval_before_after and not config.resume:
+    eval_before = before.eval_before
+    if config.eval_before_after and start_step == 0:
         t0 = time.time()
         eval_before = evaluate(config, model, params, tokenizer, eval_records)
         _say(f"eval before: {_fmt(eval_before)} ({time.time() - t0:.0f}s)")
@@ -209,20 +212,23 @@ def train(config: TrainConfig) -> RunSummary:
     step_fn = training_step(config, model, optimizer, trainable_fn, params, opt_state)
     sharding = batch_sharding(mesh)
 
+    progress = _progress(total_steps, start_step)
+    readback = _Readback(config, log, progress, schedules, total_steps, before)
+    started = last_save = time.time()
+
     def save(step):
+        nonlocal last_save
+        # Every step up to this one is logged before its checkpoint exists (the transaction
+        # log a resume cuts back to).
+        readback.drain(keep=0)
+        readback.flush_interval()
         train_now, _ = split_tree(params, trainable_fn)
         checkpointer.save(step, train_now, opt_state, {
-            "step": step, "data": iterator.state(), "seed": config.seed,
-            "skipped": skipped_total, "identity": identity})
+            "step": step, "data": iterator.state(), "seed": config.seed, "identity": identity,
+            **readback.totals(time.time() - started, eval_before)._asdict()})
+        last_save = time.time()
+        readback.restart_clock()
 
-    progress = _progress(total_steps, start_step)
-    pending: list[tuple[int, dict, int, float]] = []
-    interval: list[dict] = []
-    step_times: list[float] = []
-    nonfinite_run, tokens_total, last_loss = 0, 0, None
-    started = time.time()
-    last_time = started
-    eta_said = False
     try:
         for step in range(start_step, total_steps):
             micro = _stack_micro([next(iterator) for _ in range(config.grad_accum)])
@@ -230,53 +236,19 @@ def train(config: TrainConfig) -> RunSummary:
             batch = {k: _to_devices(v, sharding) for k, v in micro.items()}
             batch["step"] = np.int32(step)
             params, opt_state, metrics = step_fn(params, opt_state, batch)
-            pending.append((step, metrics, tokens, time.time()))
+            readback.pending.append((step, metrics, tokens))
             # Read back the previous step while this one runs.
-            while len(pending) > 1 or step == total_steps - 1 and pending:
-                done_step, done, done_tokens, _ = pending.pop(0)
-                host = jax.device_get(done)
-                now = time.time()
-                step_times.append(now - last_time)
-                last_time = now
-                tokens_total += done_tokens
-                if bool(host["skipped"]):
-                    skipped_total += 1
-                    nonfinite_run += 1
-                    _say(f"step {done_step + 1}: non-finite loss or gradient; update skipped "
-                         f"({nonfinite_run} in a row)")
-                    if nonfinite_run >= config.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_run} non-finite steps in a row (--max-nonfinite "
-                            f"{config.max_nonfinite}); stopping at step {done_step + 1}")
-                else:
-                    nonfinite_run = 0
-                    last_loss = float(host["loss"])
-                host["tokens_per_s"] = done_tokens / max(step_times[-1], 1e-9)
-                interval.append(host)
-                if routed and config.routing_log_every and \
-                        (done_step + 1) % config.routing_log_every == 0:
-                    log.routing(done_step + 1, host["route_winners"], host["route_scores"])
-                if (done_step + 1) % config.log_every == 0 or done_step == total_steps - 1:
-                    log.metrics(_interval_row(done_step + 1, interval, schedules,
-                                              skipped_total))
-                    interval = []
-                progress.update(1)
-                progress.set_postfix_str(f"loss {last_loss if last_loss is None else round(last_loss, 4)}"
-                                         f" | {host['tokens_per_s']:,.0f} tok/s")
-                if not eta_said and len(step_times) == 3:
-                    eta = statistics.median(step_times[1:]) * (total_steps - done_step - 1)
-                    _say(f"\nafter compilation, about {_duration(eta)} of training left")
-                    eta_said = True
-            if config.save_every and (step + 1) % config.save_every == 0:
+            readback.drain(keep=1)
+            if step + 1 < total_steps and _save_due(config, step + 1, last_save):
                 save(step + 1)
-        if not config.save_every or total_steps % config.save_every:
+        if start_step < total_steps:
             save(total_steps)
         checkpointer.wait()
     finally:
         progress.close()
         log.close()
         checkpointer.close()
-    seconds = time.time() - started
+    totals = readback.totals(time.time() - started, eval_before)
 
     eval_after = None
     if config.eval_before_after:
@@ -285,9 +257,9 @@ def train(config: TrainConfig) -> RunSummary:
         _say(f"eval after: {_fmt(eval_after)} ({time.time() - t0:.0f}s)")
 
     summary = RunSummary(
-        mode=config.mode, model=source.name, steps=total_steps, tokens=tokens_total,
-        seconds=round(seconds, 2), trainable_params=n_trainable, total_params=n_total,
-        final_loss=last_loss, skipped_steps=skipped_total, eval_before=eval_before,
+        mode=config.mode, model=source.name, steps=total_steps, tokens=totals.tokens,
+        seconds=round(totals.seconds, 2), trainable_params=n_trainable, total_params=n_total,
+        final_loss=totals.final_loss, skipped_steps=totals.skipped, eval_before=eval_before,
         eval_after=eval_after, run_dir=str(run_dir))
     if config.export and jax.process_index() == 0:
         from molf_jax.train.export import RunArtifacts, export_artifacts
@@ -301,6 +273,129 @@ def train(config: TrainConfig) -> RunSummary:
         run_dir.summary.write_text(json.dumps(dataclasses.asdict(summary), indent=1))
     _print_summary(summary)
     return summary
+
+
+class _RunTotals(NamedTuple):
+    """What a run has done so far. Saved in every checkpoint, so that the summary of a resumed
+    run covers the whole run, not only its last part."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+    final_loss: float | None = None
+    eval_before: dict[str, float] | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "_RunTotals":
+        return cls(**{name: meta[name] for name in cls._fields if name in meta})
+
+
+class _Readback:
+    """Reads finished steps back from the device one step behind the dispatch, and logs them.
+
+    ``pending`` holds ``(step, device metrics, tokens)`` of dispatched steps; ``drain(keep=1)``
+    after each dispatch logs all but the step in flight, ``drain(keep=0)`` logs everything
+    (before a checkpoint).
+    """
+
+    def __init__(self, config: TrainConfig, log: RunLog, progress, schedules, total_steps: int,
+                 before: _RunTotals):
+        self.pending: list[tuple[int, Any, int]] = []
+        self._config, self._log, self._progress = config, log, progress
+        self._schedules, self._total_steps = schedules, total_steps
+        self._before = before
+        self._tokens, self._skipped, self._final_loss = 0, before.skipped, before.final_loss
+        self._interval: list[dict] = []
+        self._step_times: list[float] = []
+        self._last_time = time.time()
+        self._last_step = 0
+        self._nonfinite_run = 0
+        self._eta_said = False
+
+    def drain(self, keep: int) -> None:
+        while len(self.pending) > keep:
+            self._record(*self.pending.pop(0))
+
+    def flush_interval(self) -> None:
+        """Writes the metrics row of a logging interval cut short (by a checkpoint)."""
+        if self._interval:
+            self._log.metrics(_interval_row(self._last_step, self._interval, self._schedules,
+                                            self._skipped))
+            self._interval = []
+
+    def restart_clock(self) -> None:
+        self._last_time = time.time()
+
+    def totals(self, seconds: float, eval_before: dict | None) -> _RunTotals:
+        b = self._before
+        return _RunTotals(tokens=b.tokens + self._tokens, seconds=b.seconds + seconds,
+                          skipped=self._skipped, final_loss=self._final_loss,
+                          eval_before=eval_before)
+
+    def _record(self, step: int, metrics: Any, tokens: int) -> None:
+        config = self._config
+        host = jax.device_get(metrics)
+        now = time.time()
+        self._step_times.append(now - self._last_time)
+        self._last_time = now
+        self._tokens += tokens
+        self._last_step = step + 1
+        if bool(host["skipped"]):
+            self._skipped += 1
+            self._nonfinite_run += 1
+            self._progress.write(f"step {step + 1}: non-finite loss or gradient; update "
+                                 f"skipped ({self._nonfinite_run} in a row)", file=sys.stderr)
+            if self._nonfinite_run >= config.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_run} non-finite steps in a row (--max-nonfinite "
+                    f"{config.max_nonfinite}); stopping at step {step + 1}")
+        else:
+            self._nonfinite_run = 0
+            self._final_loss = float(host["loss"])
+        host["tokens_per_s"] = tokens / max(self._step_times[-1], 1e-9)
+        self._interval.append(host)
+        if "route_winners" in host and config.routing_log_every and \
+                (step + 1) % config.routing_log_every == 0:
+            self._log.routing(step + 1, host["route_winners"], host["route_scores"])
+        if (step + 1) % config.log_every == 0 or step == self._total_steps - 1:
+            self.flush_interval()
+        loss = self._final_loss
+        self._progress.update(1)
+        self._progress.set_postfix_str(f"loss {loss if loss is None else round(loss, 4)} | "
+                                       f"{host['tokens_per_s']:,.0f} tok/s")
+        if not self._eta_said and len(self._step_times) == 3:
+            left = self._total_steps - step - 1
+            eta = statistics.median(self._step_times[1:]) * left
+            # tqdm.write keeps the bar whole below the line.
+            self._progress.write(f"after compilation, about {_duration(eta)} of training left",
+                                 file=sys.stderr)
+            self._eta_said = True
+
+
+def _save_due(config: TrainConfig, step: int, last_save: float) -> bool:
+    """Whether to checkpoint after ``step``: every ``save_every`` steps and every
+    ``save_every_minutes`` minutes (process 0's clock decides for all hosts)."""
+    due = bool(config.save_every) and step % config.save_every == 0
+    if config.save_every_minutes:
+        due = due or time.time() - last_save >= 60 * config.save_every_minutes
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
+    return due
+
+
+def _refuse_used_run_dir(run_dir: RunDir, checkpointer: RunCheckpointer) -> None:
+    """A fresh run never appends to another run's logs."""
+    if checkpointer.latest_step() is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
+                          "that run or choose another --out-dir")
+    used = [path.name for path in (*run_dir.step_logs, run_dir.summary)
+            if path.is_file() and path.stat().st_size]
+    if used:
+        raise ConfigError(f"{run_dir} holds the logs of an earlier run ({', '.join(used)}) but "
+                          "no finished checkpoint; pass --resume to start that run again from "
+                          "step 0, or choose another --out-dir")
 
 
 def _interval_row(step: int, interval: list[dict], schedules, skipped_total: int) -> dict:

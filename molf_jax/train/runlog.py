@@ -9,6 +9,10 @@ Files in the run directory (named by `molf_jax.run_dir.RunDir`):
   cells exist.
 * ``routing.jsonl``: per logged step, each module's winners (0/1 per expert column) and scores
   (null where the module has no such expert).
+
+The per-step logs are a transaction log of the checkpoints: the loop writes every step's rows
+before it saves that step, and a resumed run first cuts each log back to the restored step, so
+after any kill and ``--resume`` every step appears exactly once.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from molf_jax.run_dir import RunDir
 
-__all__ = ["RunLog"]
+__all__ = ["RunLog", "cut_log"]
 
 
 class RunLog:
@@ -30,16 +35,31 @@ class RunLog:
 
     With ``write=False`` (every process but the first of a multi-process run) it writes
     nothing: the processes see the same metrics, and one copy of each file is kept.
+
+    Args:
+      run_dir: the run directory.
+      tensorboard: also write TensorBoard scalars (needs tensorboardX).
+      resume_step: the step a resumed run continues from: rows of later steps (written after
+        that checkpoint, before the run died) are dropped first, and TensorBoard is told to
+        purge its events past it. None for a fresh run.
+      write: False on every process but the first.
+
+    Example:
+      >>> log = RunLog("runs/x", resume_step=6)    # keeps the rows of steps 1..6  # doctest: +SKIP
+      >>> log.metrics({"step": 7, "loss": 2.5})                                    # doctest: +SKIP
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False,
-                 write: bool = True):
+                 resume_step: int | None = None, write: bool = True):
         self._write = write
         self._metrics = self._routing = self._tb = None
         if not write:
             return
         self.run_dir = RunDir(run_dir)
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for path in self.run_dir.step_logs:
+                cut_log(path, resume_step)
         self._metrics = open(self.run_dir.metrics, "a", buffering=1)
         if tensorboard:
             try:
@@ -47,7 +67,8 @@ class RunLog:
             except ImportError as err:
                 raise RuntimeError("--tensorboard needs the tensorboardX package: pip install "
                                    "'molf_jax[tensorboard]'") from err
-            self._tb = SummaryWriter(str(self.run_dir.tensorboard))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(self.run_dir.tensorboard), purge_step=purge)
 
     def write_routing_table(self, module_names, expert_labels, valid: np.ndarray) -> None:
         if not self._write:
@@ -81,6 +102,36 @@ class RunLog:
             self._routing.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def cut_log(path: Path, last_step: int) -> int:
+    """Keeps the rows of ``path`` whose step is at most ``last_step``; returns how many went.
+
+    A line torn by a kill mid-write (not valid JSON) goes too. The file is rewritten beside
+    itself and renamed over, so a kill during the cut leaves the old or the new file, whole.
+
+    Example:
+      >>> cut_log(Path("runs/x/metrics.jsonl"), 6)   # rows of steps 7, 8 dropped  # doctest: +SKIP
+      2
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step <= last_step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text("".join(kept), encoding="utf-8")
+        os.replace(temp, path)
+    return dropped
 
 
 def _plain(row: dict) -> dict:
