@@ -9,8 +9,11 @@ sure it is the same model.
 
 from __future__ import annotations
 
+import gc
 import os
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -52,30 +55,85 @@ class RunCheckpointer:
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, params_like: Any, opt_state_like: Any, *,
-                identity: dict | None = None) -> tuple[Any, Any, dict]:
-        """Restores the latest checkpoint onto the shardings of the given trees.
+                identity: dict | None = None,
+                say: Callable[[str], None] | None = None) -> tuple[Any, Any, dict]:
+        """Restores the newest checkpoint that restores onto the shardings of the given trees.
+
+        A checkpoint that fails to restore (truncated or missing files) is named with what is
+        wrong, moved aside to ``checkpoints.damaged/`` (so later saves of the same step do not
+        clash with it) and the next older one is tried.
+
+        Args:
+          params_like, opt_state_like: trees with the target shapes, dtypes and shardings.
+          identity: what the checkpoint's run must match (model, mode, ranks, shapes).
+          say: where to report a damaged checkpoint and the fallback (e.g. ``print``).
 
         Raises:
-          ResumeError: when there is no finished checkpoint, or its identity (model, mode,
-            LoRA ranks, parameter shapes) differs from ``identity``.
+          ResumeError: when there is no finished checkpoint, none restores, or the newest
+            readable one is of another run (model, mode, LoRA ranks, parameter shapes).
+
+        Example:
+          >>> params, opt_state, meta = ckpt.restore(params, opt_state, say=print)  # doctest: +SKIP
+          checkpoint runs/x/checkpoints/6 does not restore (...); trying step 3
         """
-        step = self.latest_step()
-        if step is None:
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
             raise ResumeError(f"--resume: no finished checkpoint in {self.directory}")
-        meta = self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-        if identity is not None:
-            saved = meta.get("identity", {})
-            diff = sorted(k for k in identity if saved.get(k) != identity[k])
-            if diff:
-                details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {identity[k]!r}"
-                                    for k in diff)
-                raise ResumeError(f"--resume: the checkpoint in {self.directory} is from a "
-                                  f"different run ({details})")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(params_like)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state_like))))
-        return restored["params"], restored["opt_state"], meta
+        damaged = []
+        for step in steps:
+            meta, why = self._try_restore(step, meta=ocp.args.JsonRestore())
+            if why is None:
+                meta = meta["meta"]
+                if identity is not None:
+                    _check_identity(meta, identity, self.directory)
+                restored, why = self._try_restore(
+                    step, params=ocp.args.StandardRestore(_abstract(params_like)),
+                    opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)))
+            if why is not None:
+                damaged.append((step, why))
+                self._report_damage(step, why, steps, say)
+                continue
+            self._set_aside([s for s, _ in damaged])
+            return restored["params"], restored["opt_state"], meta
+        details = "; ".join(f"step {s}: {why}" for s, why in damaged)
+        raise ResumeError(f"--resume: no checkpoint in {self.directory} restores ({details})")
+
+    def _try_restore(self, step: int, **items) -> tuple[Any, str | None]:
+        """``(restored items, None)``, or ``(None, what is wrong)`` when the step is damaged.
+
+        Orbax reads arrays in concurrent coroutines. After the first failed read the others
+        are dropped un-awaited, and Python prints each one's error when it is collected
+        ("Exception ignored in <coroutine ...>", "Event loop is closed"): hundreds of lines
+        for one damaged file. The first error is the one reported; the echoes are collected
+        here, with the hook that prints them silenced.
+        """
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: None
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items)), None
+        except Exception as err:  # orbax and tensorstore raise many kinds; each means damage
+            return None, _what_is_wrong(err)
+        finally:
+            gc.collect()
+            sys.unraisablehook = hook
+
+    def _report_damage(self, step: int, why: str, steps: list[int], say) -> None:
+        older = [s for s in steps if s < step]
+        then = f"trying step {older[0]}" if older else "no older checkpoint is kept"
+        if say is not None:
+            say(f"checkpoint {os.path.join(self.directory, str(step))} does not restore "
+                f"({why}); {then}")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged step folders to ``checkpoints.damaged/`` beside the checkpoints."""
+        if not steps or jax.process_index() != 0:
+            return
+        aside = self.directory + ".damaged"
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, f"{step}-{int(time.time())}")
+            os.replace(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
 
     def latest_params(self) -> tuple[int, Any]:
         """(step, trainable params) of the latest finished checkpoint, each array whole on this
@@ -101,7 +159,26 @@ class RunCheckpointer:
         self._manager.close()
 
 
+def _check_identity(meta: dict, identity: dict, directory: str) -> None:
+    saved = meta.get("identity", {})
+    diff = sorted(k for k in identity if saved.get(k) != identity[k])
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {identity[k]!r}"
+                            for k in diff)
+        raise ResumeError(f"--resume: the checkpoint in {directory} is from a different run "
+                          f"({details})")
+
+
+def _what_is_wrong(err: Exception) -> str:
+    """The first line of the innermost error: tensorstore's names the file and the fault."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:300]
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         tree)
+
