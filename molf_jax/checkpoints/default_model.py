@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / DEFAULT_MODEL_NAME
     if (target / MARKER_FILE).is_file():
+        damage = _damage(target)
+        if damage:
+            raise CacheError(f"the embedded model's cache {target} is damaged ({damage}); "
+                             f"delete it (rm -r {target}) and the next run converts it again "
+                             "from the packaged GGUF (about a minute)")
         return target
     if target.exists():
         raise FileExistsError(
@@ -65,7 +71,9 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(os.getpid()), dir=root))
     try:
         convert_gguf_to_hf(gguf_path, temp)
-        (temp / MARKER_FILE).write_text(json.dumps({"source": gguf_path.name, "dtype": "float32"}))
+        sizes = {p.name: p.stat().st_size for p in sorted(temp.iterdir()) if p.is_file()}
+        (temp / MARKER_FILE).write_text(json.dumps({"source": gguf_path.name, "dtype": "float32",
+                                                    "sizes": sizes}))
         try:
             os.rename(temp, target)
         except OSError:
@@ -76,7 +84,38 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    print(f"Converted the embedded model into {target}", file=sys.stderr, flush=True)
     return target
+
+
+class CacheError(RuntimeError):
+    """The embedded model's cache folder cannot be used as it is (the message says why)."""
+
+
+def _damage(folder: Path) -> str | None:
+    """What is wrong with a finished cache folder, or None. Cheap checks only (no hashing of a
+    gigabyte on every run): each file the conversion wrote has its recorded size,
+    ``config.json`` parses, and the safetensors header reads."""
+    for name in (MARKER_FILE, "config.json"):
+        try:
+            json.loads((folder / name).read_text())
+        except (OSError, ValueError) as err:
+            return f"{name}: {err}"
+    sizes = json.loads((folder / MARKER_FILE).read_text()).get("sizes", {})
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the conversion wrote {size}"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="np") as f:
+            f.keys()
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        return f"model.safetensors: {err}"
+    return None
 
 
 def _packaged_gguf() -> Path:

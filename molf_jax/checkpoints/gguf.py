@@ -162,7 +162,6 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str
     check_tokenizer(tokenizer, _vocab_head(reader, 20_000),
                     add_bos=bool(_metadata(reader, "tokenizer.ggml.add_bos_token", False)),
                     source=gguf_path)
-    _status(f"Wrote {out_dir}")
     return out_dir
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from molf_jax.checkpoints.folders import check_destination, written_whole
 from molf_jax.lora import LoraSpec, lora_paths, merge_lora
 from molf_jax.models import DecoderConfig, abstract_params, build_model, family_of, load_config
 
@@ -343,7 +344,8 @@ def _config_json(config: DecoderConfig, source_dir: Path | None, dtype_name: str
 def save_hf(out_dir: str | os.PathLike, params: Mapping, config: DecoderConfig, *,
             lora: LoraSpec | None = None, source_dir: str | os.PathLike | None = None,
             tokenizer: Any = None, dtype: Any = None,
-            max_shard_size: int | None = None) -> Path:
+            max_shard_size: int | None = None, overwrite: bool = False,
+            protected: tuple = ()) -> Path:
     """Writes an HF folder (merged weights, ``config.json``, tokenizer) for ``transformers``.
 
     Args:
@@ -357,6 +359,10 @@ def save_hf(out_dir: str | os.PathLike, params: Mapping, config: DecoderConfig, 
       dtype: storage dtype (e.g. ``jnp.bfloat16``); default each leaf's own.
       max_shard_size: bytes per shard; larger models get ``model-0000k-of-0000n.safetensors``
         files and an index.
+      overwrite: replace a folder holding files molf_jax did not write. The folder is written
+        beside ``out_dir`` and renamed into place (`molf_jax.checkpoints.folders`); the
+        ``source_dir``, the ``protected`` folders, the embedded model's cache and run
+        directories are never written over.
 
     Returns:
       The folder path.
@@ -365,6 +371,8 @@ def save_hf(out_dir: str | os.PathLike, params: Mapping, config: DecoderConfig, 
       >>> save_hf("export", params, config, lora=spec, source_dir="Qwen2.5-1.5B")   # doctest: +SKIP
     """
     out_dir = Path(out_dir)
+    protected = (source_dir, *protected)
+    check_destination(out_dir, overwrite=overwrite, protected=protected)
     if lora_paths(params):
         if lora is None:
             raise ValueError("params hold LoRA leaves; pass lora=<LoraSpec> to merge them "
@@ -373,18 +381,19 @@ def save_hf(out_dir: str | os.PathLike, params: Mapping, config: DecoderConfig, 
     tensors = _hf_tensors(params, config, dtype)
     if jax.process_index() != 0:
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype_name = str(next(iter(tensors.values())).dtype)
-    _write_tensors(out_dir, tensors, max_shard_size)
     source = Path(source_dir) if source_dir is not None else None
-    with open(out_dir / "config.json", "w", encoding="utf-8") as f:
-        json.dump(_config_json(config, source, dtype_name), f, indent=2)
-    if source is not None:
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file() and source.resolve() != out_dir.resolve():
-                shutil.copy2(source / name, out_dir / name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    with written_whole(out_dir, overwrite=overwrite, protected=protected,
+                       record={"kind": "hf", "dtype": dtype_name}) as folder:
+        _write_tensors(folder, tensors, max_shard_size)
+        with open(folder / "config.json", "w", encoding="utf-8") as f:
+            json.dump(_config_json(config, source, dtype_name), f, indent=2)
+        if source is not None:
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, folder / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
     return out_dir
 
 

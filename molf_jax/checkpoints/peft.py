@@ -31,6 +31,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from molf_jax.checkpoints.hf import _host, _is_scanned, _path_str
+from molf_jax.checkpoints.folders import check_destination, written_whole
 from molf_jax.lora import LoraSpec, lora_paths, strip_lora
 from molf_jax.models import DecoderConfig, family_of
 
@@ -45,7 +46,8 @@ _LORA_KEY = re.compile(r"^lora_(\d+)$")
 
 def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, model_config: DecoderConfig,
                       spec: LoraSpec, *, base_model_name_or_path: str | None,
-                      base_params: Mapping | None = None, dtype: Any = None) -> Path:
+                      base_params: Mapping | None = None, dtype: Any = None,
+                      overwrite: bool = False, protected: tuple = ()) -> Path:
     """Writes the LoRA experts of ``params`` as one PEFT LoRA adapter.
 
     An adapter only carries the LoRA factors, so it reproduces the trained model only when every
@@ -65,6 +67,8 @@ def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, model_config:
       base_params: optional base tree to check the non-LoRA leaves against (compared exactly,
         after casting the base to the trained leaf's dtype).
       dtype: storage dtype of the tensors (e.g. ``jnp.bfloat16``); default the ``a`` leaves'.
+      overwrite, protected: as in `molf_jax.checkpoints.save_hf` (written beside ``out_dir``
+        and renamed into place; never over a model molf_jax did not write unless overwrite).
 
     Returns:
       The folder path.
@@ -79,6 +83,7 @@ def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, model_config:
       ...                   base_model_name_or_path="/models/gemma-3-1b-pt")
       >>> model = PeftModel.from_pretrained(base, "run/adapter")           # doctest: +SKIP
     """
+    check_destination(out_dir, overwrite=overwrite, protected=protected)
     if not lora_paths(params):
         raise ValueError("params hold no lora_* leaves: there is no adapter to export (an fft "
                          "run? export the merged HF folder instead)")
@@ -105,10 +110,11 @@ def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, model_config:
     out_dir = Path(out_dir)
     if jax.process_index() != 0:
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    with open(out_dir / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    with written_whole(out_dir, overwrite=overwrite, protected=protected,
+                       record={"kind": "peft_adapter"}) as folder:
+        save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        with open(folder / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
     return out_dir
 
 

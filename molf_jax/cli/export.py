@@ -14,6 +14,7 @@ kernels, which an adapter cannot carry: they get the merged folder only.
 from __future__ import annotations
 
 import argparse
+import json
 
 from molf_jax.train.export import EXPORT_DTYPES
 
@@ -29,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
       'bfloat16'
     """
     p = subparsers.add_parser(
-        "export", help="write a run's merged HF folder and (lora, molfe) its PEFT adapter")
+        "export", help="write a run's merged HF folder and (lora, molfe) its PEFT adapter",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'molf-jax train'")
     p.add_argument("--merged", default=None, metavar="DIR",
                    help="merged HF folder (default RUN_DIR/merged)")
@@ -38,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "asking for it on a run that trained the base is an error)")
     p.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
                    help="storage dtype (default: the run's parameter dtype)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --merged / --adapter folder that holds files molf_jax did "
+                        "not write (never the run's base model or the embedded model's cache)")
     p.set_defaults(func=main)
     return p
 
@@ -48,12 +53,19 @@ def main(args: argparse.Namespace) -> int:
     Errors (no run there, an adapter asked of a run that trained its base) raise
     FileNotFoundError / ValueError, which the ``molf-jax`` entry point prints as one message.
     """
+    from molf_jax.checkpoints.folders import check_destination
     from molf_jax.run_dir import RunDir
     from molf_jax.train import export_artifacts, load_run
 
     run_dir = RunDir(args.run_dir).require()
+    # Refused before the run is loaded (a minute for a large model), not after.
+    base = json.loads(run_dir.config.read_text()).get("model")
+    for flag, folder in (("--merged", args.merged), ("--adapter", args.adapter)):
+        if folder is not None:
+            check_destination(folder, overwrite=args.overwrite, protected=(base,), flag=flag)
     written, note = export_artifacts(load_run(run_dir), run_dir, merged_dir=args.merged,
-                                     adapter_dir=args.adapter, dtype=args.dtype)
+                                     adapter_dir=args.adapter, dtype=args.dtype,
+                                     overwrite=args.overwrite)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     if note:

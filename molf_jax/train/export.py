@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from molf_jax.checkpoints import save_hf
+from molf_jax.checkpoints.folders import check_destination
 from molf_jax.checkpoints.peft import save_peft_adapter
 from molf_jax.run_dir import RunDir
 from molf_jax.lora import LoraSpec, lora_paths
@@ -44,7 +46,8 @@ class RunArtifacts:
 def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
                      merged_dir: str | os.PathLike | None = None,
                      adapter_dir: str | os.PathLike | None = None,
-                     dtype: str | None = None) -> tuple[dict[str, Path], str | None]:
+                     dtype: str | None = None,
+                     overwrite: bool = False) -> tuple[dict[str, Path], str | None]:
     """Writes the merged HF folder and, where the run allows it, the PEFT adapter.
 
     Args:
@@ -54,6 +57,9 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
       merged_dir, adapter_dir: destinations. An explicit ``adapter_dir`` on a run that cannot
         have an adapter is an error; by default such a run just gets none.
       dtype: ``"bfloat16"``, ``"float32"`` or None (the parameters' own dtype).
+      overwrite: replace destinations holding files molf_jax did not write. The run's base
+        model, the embedded model's cache and run directories are refused regardless
+        (`molf_jax.checkpoints.folders`).
 
     Returns:
       ``({"merged": path, "adapter": path}, note)``: the folders written, and why there is no
@@ -71,16 +77,29 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
     if refusal and adapter_dir is not None:
         raise ValueError(f"cannot write a PEFT adapter for {run_dir}: {refusal}")
 
+    merged_dir = Path(merged_dir) if merged_dir is not None else run_dir.merged
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir.adapter
+    # Both destinations are checked before either is written.
+    safety = dict(overwrite=overwrite, protected=(run.source_dir,))
+    check_destination(merged_dir, flag="--merged", **safety)
+    if refusal is None:
+        check_destination(adapter_dir, flag="--adapter", **safety)
     params = jax.device_get(run.params)
+    size = sum(x.size * (storage if storage is not None else x.dtype).itemsize
+               for path, x in zip(tree_paths(params), jax.tree.leaves(params))
+               if not is_lora_path(path))
+    # A large model takes minutes to merge and write: say so before, not only after.
+    print(f"export: writing the merged HF folder {merged_dir} (about {size / 2**30:.1f} GiB)",
+          file=sys.stderr, flush=True)
     written = {"merged": save_hf(
-        Path(merged_dir) if merged_dir is not None else run_dir.merged, params,
-        run.model_config, lora=run.lora, source_dir=run.source_dir,
-        tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage)}
+        merged_dir, params, run.model_config, lora=run.lora, source_dir=run.source_dir,
+        tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage,
+        **safety)}
     if refusal is None:
         base = str(run.source_dir) if run.source_dir is not None else str(run.config.model)
         written["adapter"] = save_peft_adapter(
-            Path(adapter_dir) if adapter_dir is not None else run_dir.adapter, params,
-            run.model_config, run.lora, base_model_name_or_path=base, dtype=storage)
+            adapter_dir, params, run.model_config, run.lora, base_model_name_or_path=base,
+            dtype=storage, **safety)
     return written, refusal
 
 
