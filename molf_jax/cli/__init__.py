@@ -22,7 +22,8 @@ __all__ = ["build_parser", "main"]
 
 _COMMANDS = (train, eval_command, export, plot)
 
-# Errors that describe bad input: printed as one message with exit status 2, no traceback.
+# Errors that describe bad input: printed as one message with exit status 2, no traceback
+# (OSError too: file-system errors the user can fix).
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RuntimeError)
 
 
@@ -50,9 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except _USER_ERRORS as err:
+    except (*_USER_ERRORS, OSError) as err:
         if args.debug:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"molf-jax {args.command}: error: {message}", file=sys.stderr)
+        print(f"molf-jax {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
+
+
+def _message(err: Exception) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    # File-system errors a user can fix (exists, not a folder, not writable, disk full).
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

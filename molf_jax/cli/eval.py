@@ -16,9 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 from molf_jax.data import PROTOCOLS, TASKS
+from molf_jax.eval._results import check_results_file
+from molf_jax.paths import PathError
+from molf_jax.train.config import TrainConfig
+
+# The offline cases `molf-jax train` scores before and after training: the same generator size
+# and the same first records, so both commands print the same numbers for the same model.
+_TRAIN_DEFAULTS = TrainConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
       8
     """
     p = subparsers.add_parser(
-        "eval", help="score a checkpoint on sql, med or fact and append the results"
+        "eval", help="score a checkpoint on sql, med or fact and append the results",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="HF-format folder (config + safetensors)")
     p.add_argument("--task", required=True, choices=TASKS)
@@ -45,16 +55,22 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
              "authors_*, printed beside ours) or 'molf_jax'; default: authors for paper data, "
              "molf_jax for offline tasks",
     )
-    p.add_argument("--size", type=int, default=None, help="offline task size (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="offline generation / split seed")
+    p.add_argument("--size", type=int, default=_TRAIN_DEFAULTS.task_size,
+                   help="records the offline generator makes (as molf-jax train)")
+    p.add_argument("--seed", type=int, default=_TRAIN_DEFAULTS.seed,
+                   help="offline generation / split seed")
     p.add_argument("--split", choices=("eval", "train"), default="eval")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--limit", type=int, default=_TRAIN_DEFAULTS.eval_limit,
+                   help="score only the first N records (the cases molf-jax train scores; "
+                        "0: all)")
     p.add_argument("--cop-base", type=int, default=0, help="MedMCQA 'cop' index base")
     p.add_argument("--no-sql-context", action="store_true", help="SQL prompts without schema")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation budget (None: 256 for sql, 8 for med)")
     p.add_argument("--results", default=None, help="CSV or JSONL file to append rows to")
-    p.add_argument("--name", default=None, help="model name in result rows (default: folder)")
+    p.add_argument("--name", default=None,
+                   help="model name in result rows (None: the folder's name)")
     p.set_defaults(func=main)
     return p
 
@@ -68,11 +84,15 @@ def main(args: argparse.Namespace) -> int:
     from molf_jax.eval import evaluate_task, paper_comparison, report_metrics
     from molf_jax.models import build_model
 
+    check_args(args)
     data = load_task(args.task, args.source, size=args.size, seed=args.seed,
                      cop_base=args.cop_base, protocol=args.protocol)
     records = data.eval if args.split == "eval" else data.train
-    if args.limit is not None:
+    if args.limit:
         records = records[: args.limit]
+    _say(f"eval: {len(records)} {args.task} cases ({args.split} split of {args.source}"
+         f"{f', {args.size} generated, seed {args.seed}' if args.source == 'offline' else ''})"
+         f" on {args.model}")
     config, params = load_hf(args.model)
     model = build_model(config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -91,4 +111,40 @@ def main(args: argparse.Namespace) -> int:
     comparison = paper_comparison(args.task, metrics)
     if comparison:
         print(comparison)
+    _say(f"{task} on {name} in {seconds:.0f} s:")
+    for metric, result in metrics.items():
+        if isinstance(result, dict) and "value" in result:
+            _say(f"  {metric:<14} {result['value']:.4f}  (n {result.get('n')})")
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before anything is loaded or scored; one message per problem.
+
+    Raises:
+      ValueError (`molf_jax.paths.PathError` for paths): the message names the flag.
+    """
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--size", args.size, 1),
+                               ("--limit", args.limit, 0),
+                               ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.cop_base not in (0, 1):
+        raise ValueError(f"--cop-base must be 0 or 1, got {args.cop_base}")
+    model = Path(args.model)
+    if not model.exists():
+        raise PathError(f"--model {model}: no such folder")
+    if not model.is_dir():
+        hint = (" (a GGUF file: convert it first with molf_jax.checkpoints.convert_gguf_to_hf)"
+                if model.suffix.lower() == ".gguf" else "")
+        raise PathError(f"--model {model}: is a file; give a Hugging Face folder (config.json "
+                        f"and *.safetensors), e.g. runs/molf/merged{hint}")
+    if not (model / "config.json").is_file():
+        raise PathError(f"--model {model}: no config.json; give a Hugging Face folder, e.g. "
+                        "runs/molf/merged")
+    if args.results:
+        check_results_file(args.results)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
       >>> parser.parse_args(["plot", "runs/molf"]).out is None
       True
     """
-    p = subparsers.add_parser("plot", help="draw a run's routing dynamics and loss as PNGs")
+    p = subparsers.add_parser("plot", help="draw a run's routing dynamics and loss as PNGs",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'molf-jax train'")
     p.add_argument("--out", default=None, metavar="DIR", help="where the PNGs go "
                    "(default RUN_DIR/plots)")
@@ -37,8 +38,11 @@ def main(args: argparse.Namespace) -> int:
     Missing or malformed logs raise FileNotFoundError / ValueError with a message naming the
     file, which the ``molf-jax`` entry point prints without a traceback.
     """
+    from molf_jax.paths import writable_folder
     from molf_jax.viz import plot_run
 
+    if args.out is not None:  # checked before the logs are read
+        writable_folder(args.out, "--out")
     for path in plot_run(args.run_dir, args.out):
         print(path)
     return 0

@@ -9,6 +9,7 @@ Anything else that does not exist locally is passed to ``datasets.load_dataset``
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Any, Callable
@@ -38,8 +39,14 @@ def _is_local(source: str) -> bool:
     return any(source.endswith(ext) for ext in _FILE_BUILDERS)
 
 
-def _read(label: str, load: Callable[[], Any]) -> Any:
-    """Calls a `datasets` loader, re-raising its errors with the source named."""
+def _read(label: str, load: Callable[[], Any], *, quiet: bool = False) -> Any:
+    """Calls a `datasets` loader, re-raising its errors with the source named. ``quiet`` hides
+    its progress bars (a local file loads in a blink; a bar there only clutters messages)."""
+    import datasets
+
+    shown = not datasets.utils.are_progress_bars_disabled()
+    if quiet and shown:
+        datasets.disable_progress_bars()
     try:
         return load()
     except Exception as e:  # `datasets` raises many types; all become one named error.
@@ -47,11 +54,33 @@ def _read(label: str, load: Callable[[], Any]) -> Any:
         if empty:
             raise ValueError(f"{label} [{empty.group(1)}]: split is empty (no rows)") from e
         raise ValueError(f"{label}: `datasets` could not read it: {e}") from e
+    finally:
+        if quiet and shown:
+            datasets.enable_progress_bars()
 
 
 def _from_dataset_dict(dataset_dict, label: str) -> SourceSplits:
     splits = {name: ds.to_list() for name, ds in dataset_dict.items()}
     return SourceSplits(splits=splits, where={name: f"{label} [{name}]" for name in splits})
+
+
+def _check_json_lines(path: str) -> None:
+    """Names the first line of a JSON-lines file that is not JSON (`datasets` names none).
+    A file that starts with ``[`` is one JSON list and is left to `datasets`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.read(4096).lstrip()
+    if first.startswith("["):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number} is not a JSON object")
 
 
 def read_source(source: str) -> SourceSplits:
@@ -92,7 +121,10 @@ def read_source(source: str) -> SourceSplits:
         )
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: file is empty (no rows)")
+    if _FILE_BUILDERS[ext] == "json":
+        _check_json_lines(path)
     loaded = _read(
-        path, lambda: datasets.load_dataset(_FILE_BUILDERS[ext], data_files={"train": path})
+        path, lambda: datasets.load_dataset(_FILE_BUILDERS[ext], data_files={"train": path}),
+        quiet=True,
     )
     return SourceSplits(splits={"train": loaded["train"].to_list()}, where={"train": path})

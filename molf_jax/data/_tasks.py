@@ -139,17 +139,8 @@ def _prompt_text(item: Any) -> str:
 
 
 def _clean_fact(rows, where, drops, **_):
-    rewrite = rows[0]["requested_rewrite"]
-    if not isinstance(rewrite, dict):
-        raise ValueError(f"{where}: column 'requested_rewrite' must hold objects")
-    missing = [f"requested_rewrite.{k}" for k in _REWRITE_KEYS if k not in rewrite]
-    missing += [
-        f"requested_rewrite.{k}.str"
-        for k in ("target_new", "target_true")
-        if k in rewrite and "str" not in (rewrite[k] or {})
-    ]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; found {sorted(rewrite)}")
+    for number, row in enumerate(rows, start=1):
+        _check_rewrite(row["requested_rewrite"], f"{where}: row {number}")
     kept = []
     for row in rows:
         rw = row["requested_rewrite"]
@@ -170,6 +161,22 @@ def _clean_fact(rows, where, drops, **_):
             }
         )
     return kept
+
+
+def _check_rewrite(rewrite: Any, where: str) -> None:
+    """One fact row's ``requested_rewrite``: every field present (a missing field reads as None
+    once `datasets` unifies the rows) and a prompt with ``{}`` where the subject goes."""
+    if not isinstance(rewrite, dict):
+        raise ValueError(f"{where}: 'requested_rewrite' must be an object, got {rewrite!r:.80}")
+    for key in _REWRITE_KEYS:
+        if rewrite.get(key) is None:
+            raise ValueError(f"{where}: missing field requested_rewrite.{key}")
+    for key in ("target_new", "target_true"):
+        if not isinstance(rewrite[key], dict) or rewrite[key].get("str") is None:
+            raise ValueError(f"{where}: missing field requested_rewrite.{key}.str")
+    if "{}" not in rewrite["prompt"]:
+        raise ValueError(f"{where}: requested_rewrite.prompt {rewrite['prompt']!r} has no '{{}}' "
+                         "where the subject goes")
 
 
 _CLEANERS: dict[str, Callable[..., list[dict[str, Any]]]] = {

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from molf_jax.paths import writable_file
+
 RESULT_FIELDS = ("model", "task", "metric", "value", "n", "seconds")
 
 
@@ -28,30 +30,43 @@ def append_result_row(path: str, row: Mapping[str, Any]) -> None:
     missing = [f for f in RESULT_FIELDS if f not in row]
     if missing:
         raise ValueError(f"result row for {path}: missing field(s) {missing}")
-    ext = os.path.splitext(path)[1].lower()
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    if ext == ".jsonl":
+    check_results_file(path)
+    if path.lower().endswith(".jsonl"):
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(dict(row), sort_keys=False) + "\n")
         return
-    if ext != ".csv":
-        raise ValueError(f"result file {path}: extension must be .csv or .jsonl")
     extra = [k for k in row if k not in RESULT_FIELDS]
     if extra:
         raise ValueError(f"result row for {path}: CSV takes only {RESULT_FIELDS}, got {extra}")
     new_file = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new_file:
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != RESULT_FIELDS:
-            raise ValueError(f"result file {path}: header {header} is not {list(RESULT_FIELDS)}")
     with open(path, "a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
         if new_file:
             writer.writeheader()
         writer.writerow(dict(row))
+
+
+def check_results_file(path: str) -> None:
+    """Checks that rows can be appended to ``path``: extension ``.csv`` or ``.jsonl``, a
+    writable place, and for an existing CSV the header ``RESULT_FIELDS``. `molf-jax eval`
+    calls it before scoring, so a bad file costs no evaluation.
+
+    Raises:
+      ValueError: the message names the file and what is wrong.
+
+    Example:
+      >>> check_results_file("results.txt")                     # doctest: +SKIP
+      ValueError: --results results.txt: extension must be .csv or .jsonl
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".jsonl"):
+        raise ValueError(f"--results {path}: extension must be .csv or .jsonl")
+    writable_file(path, "--results")
+    if ext == ".csv" and os.path.exists(path) and os.path.getsize(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != RESULT_FIELDS:
+            raise ValueError(f"--results {path}: header {header} is not {list(RESULT_FIELDS)}")
 
 
 def report_metrics(model: str, task: str, metrics: Mapping[str, Mapping[str, Any]],

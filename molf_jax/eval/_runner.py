@@ -125,14 +125,26 @@ def generate_texts(
     """
     token_lists = [eval_prompt_ids(tokenizer, p, protocol=protocol) for p in prompts]
     texts: list[str] = [""] * len(prompts)
-    for index, ids, mask in prompt_batches(
-        token_lists, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
-        pad_to_multiple_of=pad_to_multiple_of,
-    ):
-        tokens = np.asarray(generate_fn(ids, mask))
-        for row, i in enumerate(index):
-            texts[i] = decode_generation(tokenizer, tokens[row])
+    with _progress(len(prompts), "generate") as progress:
+        for index, ids, mask in prompt_batches(
+            token_lists, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
+            pad_to_multiple_of=pad_to_multiple_of,
+        ):
+            tokens = np.asarray(generate_fn(ids, mask))
+            for row, i in enumerate(index):
+                texts[i] = decode_generation(tokenizer, tokens[row])
+            progress.update(len(index))
     return texts
+
+
+def _progress(total: int, what: str):
+    """A progress bar on stderr (prompts/s and ETA); gone when done, so tables print clean."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"eval: {what}", unit="prompt", leave=False,
+                dynamic_ncols=True, file=sys.stderr)
 
 
 def jax_generate_fn(model, params, tokenizer, *, max_new_tokens: int) -> GenerateFn:
@@ -195,14 +207,16 @@ def _last_logits(token_lists, tokenizer, logits_fn, batch_size, pad_multiple, re
     for i, tokens in enumerate(token_lists):
         distinct.setdefault(tuple(tokens), []).append(i)
     keys = list(distinct)
-    for index, ids, mask in prompt_batches(
-        keys, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
-        pad_to_multiple_of=pad_multiple,
-    ):
-        logits = np.asarray(logits_fn(ids, mask), dtype=np.float32)
-        for row, k in enumerate(index):
-            for i in distinct[keys[k]]:
-                read(i, logits[row])
+    with _progress(len(keys), "score prompts") as progress:
+        for index, ids, mask in prompt_batches(
+            keys, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
+            pad_to_multiple_of=pad_multiple,
+        ):
+            logits = np.asarray(logits_fn(ids, mask), dtype=np.float32)
+            for row, k in enumerate(index):
+                for i in distinct[keys[k]]:
+                    read(i, logits[row])
+            progress.update(len(index))
 
 
 def _evaluate_fact(records, tokenizer, logits_fn, batch_size, pad_multiple, protocol):

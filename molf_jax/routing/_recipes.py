@@ -89,6 +89,10 @@ def molf_adamw(
       groups: the `param_groups` tree when already known (e.g. from
         ``molf_jax.param_roles``); default: derived from ``labels`` and ``no_decay``.
 
+    Raises:
+      ValueError: a negative rate or decay, ``b1``/``b2`` outside [0, 1), ``eps`` <= 0 (the
+        checks ``molf-jax train`` makes on the same settings).
+
     Example:
       >>> tx = molf_adamw(label_lora_experts, fft_learning_rate=1e-4, lora_learning_rate=5e-4)
       >>> # Rates in the state, readable and changeable at run time (EPD reads them there):
@@ -100,6 +104,10 @@ def molf_adamw(
         raise ValueError("molf_adamw: labels is None; under optax.inject_hyperparams a callable "
                          "is taken for a schedule: pass the label tree (label_lora_experts("
                          "params)) or static_args='labels'")
+    _check_hyperparameters(fft_learning_rate=fft_learning_rate,
+                           lora_learning_rate=lora_learning_rate,
+                           fft_weight_decay=fft_weight_decay,
+                           lora_weight_decay=lora_weight_decay, b1=b1, b2=b2, eps=eps)
 
     def adamw(lr, wd):
         return optax.adamw(lr, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype, weight_decay=wd)
@@ -119,3 +127,16 @@ def molf_adamw(
         top_k=top_k,
         score=score,
     )
+
+
+def _check_hyperparameters(**values) -> None:
+    # Schedules (callables) and arrays (inject_hyperparams) are the caller's; plain numbers
+    # are checked here.
+    for name, value in values.items():
+        if callable(value) or not isinstance(value, (int, float)):
+            continue
+        bad = (value <= 0 if name == "eps" else
+               not 0 <= value < 1 if name in ("b1", "b2") else value < 0)
+        if bad:
+            rule = {"eps": "> 0", "b1": "in [0, 1)", "b2": "in [0, 1)"}.get(name, ">= 0")
+            raise ValueError(f"molf_adamw: {name} must be {rule}, got {value}")

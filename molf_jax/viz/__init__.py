@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from molf_jax.paths import writable_folder
+
 # Reading a run directory's logs.
 from molf_jax.run_dir import RunDir
 from molf_jax.viz._runlog import RoutingLog, RunRecord, layer_of, projection_of, read_run
@@ -64,5 +66,5 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         figures += [(FILES["fraction"], fraction_figure(record)),
                     (FILES["heatmap"], heatmap_figure(record))]
     figures.append((FILES["loss"], loss_figure(record)))
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "--out")
     return [save_figure(fig, out / name) for name, fig in figures]
