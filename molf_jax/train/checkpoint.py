@@ -37,7 +37,9 @@ class RunCheckpointer:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(RunDir(out_dir).checkpoints)
+        run_dir = RunDir(out_dir)
+        self.directory = os.path.abspath(run_dir.checkpoints)
+        self._damaged = os.path.abspath(run_dir.damaged_checkpoints)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
@@ -128,10 +130,9 @@ class RunCheckpointer:
         """Moves damaged step folders to ``checkpoints.damaged/`` beside the checkpoints."""
         if not steps or jax.process_index() != 0:
             return
-        aside = self.directory + ".damaged"
-        os.makedirs(aside, exist_ok=True)
+        os.makedirs(self._damaged, exist_ok=True)
         for step in steps:
-            target = os.path.join(aside, f"{step}-{int(time.time())}")
+            target = os.path.join(self._damaged, f"{step}-{int(time.time())}")
             os.replace(os.path.join(self.directory, str(step)), target)
         self._manager.reload()
 
