@@ -127,6 +127,7 @@ def train(config: TrainConfig) -> RunSummary:
       >>> summary = train(TrainConfig(mode="molf", model="qwen2.5-0.5b", steps=10))  # doctest: +SKIP
     """
     initialize_distributed()
+    run_dir = RunDir(writable_folder(config.out_dir, "--out-dir"))  # a bad path fails first
     # Every process runs the same steps and saves its shards of each checkpoint; the first one
     # alone writes the run's other files.
     primary = jax.process_index() == 0
@@ -138,7 +139,6 @@ def train(config: TrainConfig) -> RunSummary:
              f"afterwards: molf-jax export {config.out_dir}; molf-jax eval --model "
              f"{config.out_dir}/merged")
         config = config.replace(eval_before_after=False, export=False)
-    run_dir = RunDir(writable_folder(config.out_dir, "--out-dir"))
     mesh = make_mesh(config.mesh)
     rows_divisor = batch_divisor(mesh)
     if config.batch_size % rows_divisor:
