@@ -7,8 +7,19 @@ import sqlite3
 
 import pytest
 
-from molf_jax.data import load_task, render_example
+import importlib.util
+from pathlib import Path
+
+from molf_jax.data import _offline_mcq, load_task, render_example
 from molf_jax.eval import execute_sql
+
+
+def _load_script(name):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _digest(data) -> str:
@@ -30,9 +41,12 @@ def test_sizes_follow_the_size_parameter():
     assert (len(sql.train), len(sql.eval)) == (50, 10)
     assert len(load_task("sql", "offline", size=50, eval_size=7, seed=0).eval) == 7
     med = load_task("med", "offline", size=30, seed=0)
-    assert (len(med.train), len(med.eval)) == (120, 30)  # 4 training wordings per fact
+    known = _offline_mcq.known_clozes()
+    facts = [f for f in _offline_mcq.candidates() if known is None or f.cloze in known]
+    # Training items as asked; every other fact is an evaluation item.
+    assert (len(med.train), len(med.eval)) == (30, len(facts) - 30)
     fact = load_task("fact", "offline", size=30, seed=0)
-    assert len(fact.train) == len(fact.eval) == 30
+    assert (len(fact.train), len(fact.eval)) == (60, 30)  # one anchor per edit
 
 
 def test_sql_splits_are_disjoint_and_every_gold_query_runs_nonempty():
@@ -43,7 +57,22 @@ def test_sql_splits_are_disjoint_and_every_gold_query_runs_nonempty():
         kind, rows = execute_sql(record["sql_context"], record["sql"])
         assert kind == "rows" and rows and rows[0] not in [(None,), (0,)], record["sql"]
     complexities = collections.Counter(r["sql_complexity"] for r in data.train)
-    assert set(complexities) == {"basic SQL", "aggregation", "single join"}
+    assert set(complexities) == {"basic SQL", "aggregation", "single join", "subqueries"}
+
+
+def test_sql_limit_queries_never_cut_through_a_tie():
+    for record in load_task("sql", "offline", size=200, seed=6).train:
+        if " LIMIT " not in record["sql"]:
+            continue
+        head, _, k = record["sql"].rpartition(" LIMIT ")
+        _, ranked = execute_sql(record["sql_context"], head + ";")
+        _, kept = execute_sql(record["sql_context"], record["sql"])
+        assert kept == ranked[: int(k.rstrip(";"))]
+        order_key = head.split(" ORDER BY ", 1)[1].rsplit(" ", 1)[0]
+        keyed = head.replace("SELECT ", f"SELECT {order_key}, ", 1)
+        _, keys = execute_sql(record["sql_context"], keyed)
+        if len(keys) > int(k.rstrip(";")):
+            assert keys[int(k.rstrip(";")) - 1][0] != keys[int(k.rstrip(";"))][0], record["sql"]
 
 
 def test_sql_contexts_are_valid_sqlite_scripts():
@@ -58,35 +87,43 @@ def _answer(record):
     return record[("opa", "opb", "opc", "opd")[record["cop"]]]
 
 
-def test_mcq_eval_items_ask_facts_stated_only_in_training_in_another_wording():
+def test_mcq_splits_share_no_fact_and_keep_only_known_facts():
     data = load_task("med", "offline", size=60, seed=3)
-    train_prompts = {render_example("med", r).prompt for r in data.train}
-    by_fact = collections.defaultdict(list)
-    for record in data.train:
-        by_fact[record["fact_id"]].append(record)
-    for record in data.eval:
-        assert render_example("med", record).prompt not in train_prompts
-        same_fact = by_fact[record["fact_id"]]
-        assert len(same_fact) == 4
-        # The fact is stated in training, in four other wordings, always with the same answer.
-        assert {_answer(r) for r in same_fact} == {_answer(record)}
-        wordings = {r["question"] for r in same_fact}
-        assert len(wordings) == 4 and record["question"] not in wordings
+    train_facts = {r["fact_id"] for r in data.train}
+    assert not train_facts & {r["fact_id"] for r in data.eval}
+    known = _offline_mcq.known_clozes()
+    if known is not None:  # written by scripts/known_facts.py with the embedded model
+        assert {r["fact_id"] for r in data.train + data.eval} <= known
+        assert len(data.eval) >= 400
+    everything = _offline_mcq.generate(size=60, seed=3, known_only=False)
+    assert len(everything[0]) + len(everything[1]) == len(_offline_mcq.candidates())
 
 
 def test_mcq_answers_are_balanced_and_options_distinct():
     data = load_task("med", "offline", size=80, seed=4)
-    assert collections.Counter(r["cop"] for r in data.eval) == {0: 20, 1: 20, 2: 20, 3: 20}
+    for split in (data.train, data.eval):
+        counts = collections.Counter(r["cop"] for r in split)
+        assert max(counts.values()) - min(counts.values()) <= 1
+    by_cloze = {f.cloze: f for f in _offline_mcq.candidates()}
     for record in data.train + data.eval:
         options = [record[c] for c in ("opa", "opb", "opc", "opd")]
         assert len(set(options)) == 4
+        assert _answer(record) == by_cloze[record["fact_id"]].answer
+
+
+def test_known_facts_match_whole_answers_only():
+    known_facts = _load_script("known_facts")
+    assert known_facts.answered(" 19\n4 + 1 = 5", "19")
+    assert not known_facts.answered(" 190", "19")
+    assert known_facts.answered(' cold" and', "cold")
+    assert not known_facts.answered(" Parisian", "Paris")
 
 
 def test_counterfacts_hold_out_paraphrases_and_neighbours():
     data = load_task("fact", "offline", size=200, seed=5)
     trained_prompts = {render_example("fact", r).prompt for r in data.train}
     subjects = {r["requested_rewrite"]["subject"] for r in data.train}
-    assert len(subjects) == 200  # one case per invented person
+    assert len(subjects) == 400  # one invented person per case and per anchor
     for record in data.eval:
         rewrite = record["requested_rewrite"]
         assert rewrite["target_new"]["str"] != rewrite["target_true"]["str"]
@@ -96,6 +133,18 @@ def test_counterfacts_hold_out_paraphrases_and_neighbours():
         assert len(record["neighborhood_prompts"]) == 5
         for prompt in record["neighborhood_prompts"]:
             assert not any(s in prompt for s in subjects)
+
+
+def test_fact_anchors_keep_the_answer_the_name_suggests_and_are_never_evaluated():
+    data = load_task("fact", "offline", size=100, seed=6)
+    anchors = [r for r in data.train if r.get("anchor")]
+    assert len(anchors) == 100
+    for record in anchors:
+        rewrite = record["requested_rewrite"]
+        assert rewrite["target_new"] == rewrite["target_true"]
+    evaluated = {r["requested_rewrite"]["subject"] for r in data.eval}
+    assert not evaluated & {r["requested_rewrite"]["subject"] for r in anchors}
+    assert not any(r.get("anchor") for r in data.eval)
 
 
 def test_offline_fact_rejects_sizes_beyond_its_name_pools():

@@ -16,6 +16,13 @@ training it measures how well the edit was written into the weights:
 
 Relations use their Wikidata ids as in CounterFact: P103 native language, P27 country of
 citizenship, P19 place of birth (the culture's capital).
+
+Knowledge injection at volume (the paper's FFT-favouring regime) needs one to two thousand
+edits; at that volume a model can also learn the shortcut "the answer is never the culture the
+name suggests", which scores on paraphrases without writing any single edit. So the training
+split adds one *anchor* per edit (``anchors=True``, the default): another invented person,
+never a subject or a neighbour, trained on the answer the name suggests. Only a model that
+memorises which people were edited then succeeds on both paraphrases and neighbours.
 """
 
 from __future__ import annotations
@@ -158,27 +165,46 @@ def _value(culture: str, relation: str) -> str:
     return _CULTURES[culture][_RELATIONS[relation][0]]
 
 
-def capacity() -> int:
-    """The largest ``size`` the name pools allow (each subject is used once)."""
-    return sum(
+def capacity(anchors: bool = True) -> int:
+    """The largest ``size`` the name pools allow (each subject and anchor is used once)."""
+    people = sum(
         len(first) * len(last) - _NEIGHBOURS_PER_CULTURE
         for _, _, _, first, last in _CULTURES.values()
     )
+    # Anchors come from the same pools; keep a margin so that no culture runs dry first.
+    return people // 2 - 200 if anchors else people
 
 
-def generate(*, size: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Generates ``size`` counterfactual cases; returns (train, eval), the same cases twice.
+def _anchor(rng, subjects, cultures, relations, case_id) -> dict[str, Any]:
+    culture = rng.choice([c for c in cultures if subjects[c]])
+    relation = rng.choice(relations)
+    value = {"str": _value(culture, relation), "id": culture}
+    return {
+        "case_id": f"anchor-{case_id}",
+        "requested_rewrite": {"prompt": rng.choice(_RELATIONS[relation][1]),
+                              "relation_id": relation, "target_new": value,
+                              "target_true": value, "subject": subjects[culture].pop()},
+        "paraphrase_prompts": [], "neighborhood_prompts": [], "attribute_prompts": [],
+        "generation_prompts": [], "anchor": True,
+    }
+
+
+def generate(*, size: int, seed: int = 0, anchors: bool = True
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Generates ``size`` counterfactual cases; returns (train, eval).
 
     An edit is evaluated on its own rewrite prompt (efficacy), held-out wordings (paraphrase)
-    and held-out people (neighbourhood), so both lists hold the same case dicts.
+    and held-out people (neighbourhood), so ``eval`` holds the cases that ``train`` holds,
+    and ``train`` also holds one anchor per case when ``anchors`` (an unedited person trained
+    on the answer the name suggests, see the module docstring), shuffled in.
 
     Example:
       >>> train, evals = generate(size=3, seed=0)
-      >>> sorted(train[0]['requested_rewrite'])
-      ['prompt', 'relation_id', 'subject', 'target_new', 'target_true']
+      >>> sorted(train[0]['requested_rewrite']), len(train), len(evals)
+      (['prompt', 'relation_id', 'subject', 'target_new', 'target_true'], 6, 3)
     """
-    if not 0 < size <= capacity():
-        raise ValueError(f"size must be in 1..{capacity()} for offline fact, got {size}")
+    if not 0 < size <= capacity(anchors):
+        raise ValueError(f"size must be in 1..{capacity(anchors)} for offline fact, got {size}")
     rng = random.Random(f"molf-offline-fact-{seed}")
     subjects, neighbours = _name_pools(rng)
     cultures = sorted(_CULTURES)
@@ -215,4 +241,8 @@ def generate(*, size: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[di
                 "generation_prompts": [],
             }
         )
-    return cases, cases
+    if not anchors:
+        return cases, cases
+    train = cases + [_anchor(rng, subjects, cultures, relations, i) for i in range(size)]
+    rng.shuffle(train)
+    return train, cases

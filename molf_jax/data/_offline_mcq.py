@@ -1,138 +1,130 @@
-"""Offline 4-option multiple choice whose answers are facts about invented medical entities.
+"""Offline 4-option multiple choice over knowledge the base model already has.
 
-A knowledge base of invented drugs, pathogens and syndromes gets one random value per relation
-(drawn from a pool of real medical terms, so the options look like MedMCQA's). Each fact is
-asked in five wordings. Per fact, one wording (chosen by the seed) is held out for evaluation
-and the other four go to training, each with its own distractors and answer position. So:
+The Med-style task teaches a *format*, not facts: every question asks something the base model
+answers correctly when asked in a plain cloze form ("27 + 15 =", "The capital of Peru is"), so
+fine-tuning only has to map knowledge the model holds onto an answer letter. That is where the
+paper expects LoRA's low-rank update to suffice and full fine-tuning to forget more.
 
-* the fact is stated only in the training split (as QA items), never in the prompt of the
-  evaluation item, and no model has seen the invented names before: the evaluation measures
-  what the weights memorised during training, and chance is 25%;
-* the evaluation item's text (wording + options + order) never occurs in training, so copying
-  a seen question, or its answer letter, does not help.
+Candidates come from a few families of common knowledge (sums, differences and products of small
+numbers, capitals, opposites), each with a cloze prompt, an answer and three plausible
+distractors. ``known_cases.json`` beside this file lists the cloze prompts that Gemma 3 270M (the
+project's embedded model) completes correctly with greedy decoding; it is written by
+``python scripts/known_facts.py`` with that model. ``generate(known_only=True)`` (the default)
+keeps only those, so what the evaluation measures is the format, on knowledge that is there.
 
 Records follow the MedMCQA columns (``id``, ``question``, ``opa``..``opd``, ``cop`` 0-based,
-``choice_type``, ``exp``, ``subject_name`` = entity kind, ``topic_name`` = relation), plus
-``fact_id``, shared by the items that ask the same fact (for per-fact analysis).
+``choice_type``, ``exp``, ``subject_name`` = family, ``topic_name`` = family), plus
+``fact_id`` (the cloze prompt). Training and evaluation items never share a fact, and answer
+positions are balanced over A-D in each split, so always answering one letter scores 25%.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
+from pathlib import Path
 from typing import Any
 
-from molf_jax.data._names import invented_name
+KNOWN_FILE = Path(__file__).with_name("known_cases.json")
 
-_ORGANS = ("liver", "kidney", "stomach", "heart", "lung", "thyroid", "pancreas", "spleen", "skin",
-           "retina", "bone marrow", "adrenal gland")
-
-# relation -> (value pool, five wordings with "{e}" for the entity)
-_RELATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "indication": (
-        ("migraine", "asthma", "gout", "psoriasis", "glaucoma", "anemia", "epilepsy",
-         "hypertension", "malaria", "insomnia", "tuberculosis", "osteoporosis"),
-        ("{e} is mainly used to treat which condition?",
-         "Which disease is {e} prescribed for?",
-         "A physician would most likely prescribe {e} to a patient with:",
-         "The primary indication of {e} is:",
-         "{e} was developed as a therapy for which of the following?"),
-    ),
-    "adverse_effect": (
-        ("hair loss", "dry cough", "tinnitus", "gingival hyperplasia", "photosensitivity",
-         "hypokalemia", "constipation", "blurred vision", "tremor", "hiccups", "rash", "vertigo"),
-        ("Which adverse effect is characteristic of {e}?",
-         "The most common side effect of {e} is:",
-         "Patients taking {e} should be warned about which side effect?",
-         "A well-known adverse reaction to {e} is:",
-         "Treatment with {e} typically causes:"),
-    ),
-    "target_organ": (
-        _ORGANS,
-        ("{e} acts primarily on which organ?",
-         "The main target organ of {e} is the:",
-         "Which organ does {e} chiefly affect?",
-         "{e} exerts its effect mainly in the:",
-         "The site of action of {e} is the:"),
-    ),
-    "transmission": (
-        ("mosquitoes", "ticks", "sandflies", "contaminated water", "raw pork", "bats", "rodents",
-         "lice", "fleas", "unpasteurized milk", "snails", "birds"),
-        ("How is {e} usually transmitted to humans?",
-         "{e} is spread to humans mainly by:",
-         "The main source of human infection with {e} is:",
-         "Which of the following transmits {e}?",
-         "Infection with {e} is typically acquired from:"),
-    ),
-    "treatment": (
-        ("doxycycline", "ivermectin", "praziquantel", "acyclovir", "metronidazole",
-         "ceftriaxone", "fluconazole", "azithromycin", "oseltamivir", "albendazole",
-         "rifampicin", "chloroquine"),
-        ("The drug of choice for {e} infection is:",
-         "Which drug is first-line against {e}?",
-         "Infection with {e} is best treated with:",
-         "A patient infected with {e} should receive:",
-         "{e} responds best to which drug?"),
-    ),
-    "infected_organ": (
-        _ORGANS,
-        ("{e} primarily infects which organ?",
-         "Which organ is the main site of {e} infection?",
-         "In humans, {e} mostly damages the:",
-         "{e} has a marked tropism for the:",
-         "Biopsy in {e} infection is usually taken from the:"),
-    ),
-    "deficient_enzyme": (
-        ("galactokinase", "arginase", "aldolase B", "catalase", "transketolase", "glucokinase",
-         "enolase", "lactase", "aromatase", "sphingomyelinase", "homogentisate oxidase",
-         "carnitine transferase"),
-        ("{e} is caused by a deficiency of which enzyme?",
-         "Which enzyme is lacking in {e}?",
-         "The underlying defect in {e} involves:",
-         "Patients with {e} have low activity of:",
-         "{e} results from a defect in which enzyme?"),
-    ),
-    "hallmark_sign": (
-        ("blue sclerae", "cherry-red spot", "butterfly rash", "finger clubbing", "hepatomegaly",
-         "night blindness", "short stature", "cataracts", "hearing loss", "kidney stones",
-         "tall stature", "pale skin"),
-        ("A hallmark finding in {e} is:",
-         "Which sign is typical of {e}?",
-         "On examination, a patient with {e} characteristically shows:",
-         "The classic clinical sign of {e} is:",
-         "Which feature points to a diagnosis of {e}?"),
-    ),
-}
-_KINDS = (
-    ("drug", ("indication", "adverse_effect", "target_organ")),
-    ("pathogen", ("transmission", "treatment", "infected_organ")),
-    ("syndrome", ("deficient_enzyme", "hallmark_sign")),
+_CAPITALS = (
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Japan", "Tokyo"), ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"),
+    ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"), ("Hungary", "Budapest"), ("Ireland", "Dublin"), ("Belgium", "Brussels"),
+    ("the Netherlands", "Amsterdam"), ("Turkey", "Ankara"), ("India", "New Delhi"),
+    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("South Korea", "Seoul"), ("Kenya", "Nairobi"),
+    ("Peru", "Lima"), ("Argentina", "Buenos Aires"), ("Chile", "Santiago"), ("Cuba", "Havana"),
+    ("Mexico", "Mexico City"), ("Canada", "Ottawa"), ("Australia", "Canberra"),
+    ("Brazil", "Brasilia"), ("Colombia", "Bogota"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Ukraine", "Kyiv"), ("Czechia", "Prague"), ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"),
+    ("Switzerland", "Bern"), ("Scotland", "Edinburgh"), ("England", "London"),
+    ("Indonesia", "Jakarta"), ("the Philippines", "Manila"), ("Malaysia", "Kuala Lumpur"),
+    ("Pakistan", "Islamabad"), ("Afghanistan", "Kabul"), ("Saudi Arabia", "Riyadh"),
+    ("Israel", "Jerusalem"), ("Lebanon", "Beirut"), ("Syria", "Damascus"), ("Jordan", "Amman"),
+    ("Ethiopia", "Addis Ababa"), ("Nigeria", "Abuja"), ("Ghana", "Accra"), ("Morocco", "Rabat"),
+    ("Algeria", "Algiers"), ("Tunisia", "Tunis"), ("Venezuela", "Caracas"), ("Iceland",
+    "Reykjavik"), ("Estonia", "Tallinn"), ("Latvia", "Riga"), ("Lithuania", "Vilnius"),
+    ("Nepal", "Kathmandu"), ("Bangladesh", "Dhaka"), ("Mongolia", "Ulaanbaatar"),
 )
-_WORDINGS = 5
+_OPPOSITES = (
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
+    ("light", "dark"), ("open", "closed"), ("high", "low"), ("old", "young"), ("rich", "poor"),
+    ("early", "late"), ("strong", "weak"), ("wet", "dry"), ("hard", "soft"), ("full", "empty"),
+    ("long", "short"), ("thick", "thin"), ("loud", "quiet"),
+    ("clean", "dirty"), ("cheap", "expensive"), ("true", "false"), ("left", "right"),
+    ("inside", "outside"), ("win", "lose"), ("buy", "sell"), ("push", "pull"),
+    ("begin", "end"), ("day", "night"), ("north", "south"), ("east", "west"),
+    ("love", "hate"), ("friend", "enemy"), ("question", "answer"), ("first", "last"),
+    ("good", "bad"), ("black", "white"), ("alive", "dead"), ("safe", "dangerous"),
+    ("sweet", "sour"), ("always", "never"), ("before", "after"), ("above", "below"),
+)
 
 
-def _entity_name(rng: random.Random, kind: str) -> str:
-    if kind == "drug":
-        return invented_name(rng, syllables=3).lower()
-    if kind == "pathogen":
-        return invented_name(rng, syllables=2, suffix=rng.choice(["ella", "ococcus", "virus"]))
-    first, second = invented_name(rng, syllables=2), invented_name(rng, syllables=2)
-    return f"{first}-{second} syndrome"
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One fact: a cloze prompt, its answer, a question and three distractors."""
+
+    family: str
+    cloze: str
+    answer: str
+    question: str
+    distractors: tuple[str, ...]
 
 
-def _facts(rng: random.Random, size: int) -> list[tuple[str, str, str, str]]:
-    """Returns ``size`` facts (kind, entity, relation, value) about distinct invented entities."""
-    facts, names = [], set()
-    k = 0
-    while len(facts) < size:
-        kind, relations = _KINDS[k % len(_KINDS)]
-        k += 1
-        name = _entity_name(rng, kind)
-        if name.lower() in names:
-            continue
-        names.add(name.lower())
-        for relation in relations:
-            facts.append((kind, name, relation, rng.choice(_RELATIONS[relation][0])))
-    return facts[:size]
+def _number_distractors(rng: random.Random, answer: int) -> tuple[str, ...]:
+    near = {answer + d for d in (-10, -2, -1, 1, 2, 10)} - {answer}
+    return tuple(str(n) for n in rng.sample(sorted(n for n in near if n >= 0), 3))
+
+
+def candidates() -> list[Candidate]:
+    """Every candidate fact, in a fixed order (the base model's filter is keyed by ``cloze``).
+
+    Example:
+      >>> facts = candidates()
+      >>> facts[0].cloze, facts[0].answer
+      ('3 + 4 = 7\\n12 + 5 = 17\\n2 + 2 =', '4')
+    """
+    rng = random.Random("molf-offline-med-candidates")
+    out = []
+    shots = {"+": "3 + 4 = 7\n12 + 5 = 17\n", "-": "9 - 4 = 5\n20 - 7 = 13\n",
+             "x": "3 x 4 = 12\n6 x 5 = 30\n"}
+    words = {"+": ("What is {a} plus {b}?", "{a} + {b} equals:", "Add {a} and {b}:"),
+             "-": ("What is {a} minus {b}?", "{a} - {b} equals:", "Subtract {b} from {a}:"),
+             "x": ("What is {a} times {b}?", "{a} x {b} equals:", "Multiply {a} by {b}:")}
+    pairs = {"+": [(a, b) for a in range(2, 50) for b in range(2, 50)],
+             "-": [(a, b) for a in range(10, 60) for b in range(2, 10)],
+             "x": [(a, b) for a in range(2, 13) for b in range(2, 13)]}
+    for op, values in pairs.items():
+        for a, b in values:
+            answer = {"+": a + b, "-": a - b, "x": a * b}[op]
+            question = rng.choice(words[op]).format(a=a, b=b)
+            out.append(Candidate(f"arithmetic {op}", f"{shots[op]}{a} {op} {b} =", str(answer),
+                                 question, _number_distractors(rng, answer)))
+    cities = [c for _, c in _CAPITALS]
+    for country, city in _CAPITALS:
+        question = rng.choice(("What is the capital of {c}?", "The capital city of {c} is:",
+                               "Which city is the capital of {c}?")).format(c=country)
+        out.append(Candidate("capital", f"The capital of {country} is", city, question,
+                             tuple(rng.sample([x for x in cities if x != city], 3))))
+    words_pool = sorted({w for pair in _OPPOSITES for w in pair})
+    for first, second in _OPPOSITES + tuple((b, a) for a, b in _OPPOSITES):
+        question = rng.choice(('What is the opposite of "{w}"?', 'The opposite of "{w}" is:',
+                               'Which word means the opposite of "{w}"?')).format(w=first)
+        others = [w for w in words_pool if w not in (first, second)]
+        out.append(Candidate("opposite", f'The opposite of "{first}" is "', second, question,
+                             tuple(rng.sample(others, 3))))
+    return out
+
+
+def known_clozes() -> set[str] | None:
+    """The cloze prompts the embedded base model answers correctly (None if never measured)."""
+    if not KNOWN_FILE.is_file():
+        return None
+    return set(json.loads(KNOWN_FILE.read_text())["known"])
 
 
 def _positions(rng: random.Random, n: int) -> list[int]:
@@ -142,51 +134,40 @@ def _positions(rng: random.Random, n: int) -> list[int]:
     return cycle
 
 
-def _item(rng, index, fact_id, fact, wording, position) -> dict[str, Any]:
-    kind, name, relation, value = fact
-    pool, wordings = _RELATIONS[relation]
-    options = rng.sample([v for v in pool if v != value], 3)
-    options.insert(position, value)
-    question = wordings[wording].format(e=name)
-    question = question[0].upper() + question[1:]
-    return {
-        "id": f"offline-med-{index}",
-        "question": question,
-        "opa": options[0],
-        "opb": options[1],
-        "opc": options[2],
-        "opd": options[3],
-        "cop": position,
-        "choice_type": "single",
-        "exp": "",
-        "subject_name": kind,
-        "topic_name": relation,
-        "fact_id": fact_id,
-    }
+def _item(index: int, fact: Candidate, position: int) -> dict[str, Any]:
+    options = list(fact.distractors)
+    options.insert(position, fact.answer)
+    return {"id": f"offline-med-{index}", "question": fact.question, "opa": options[0],
+            "opb": options[1], "opc": options[2], "opd": options[3], "cop": position,
+            "choice_type": "single", "exp": "", "subject_name": fact.family,
+            "topic_name": fact.family, "fact_id": fact.cloze}
 
 
-def generate(*, size: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Generates the items of ``size`` facts: 4 training items and 1 evaluation item per fact.
+def generate(*, size: int, seed: int = 0, known_only: bool = True
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``size`` training items and every remaining fact as an evaluation item.
+
+    Args:
+      size: training items (facts); the evaluation split holds all the other facts.
+      seed: which facts train, and the answer positions.
+      known_only: keep only facts the embedded base model knows (``known_cases.json``).
 
     Example:
-      >>> train, evals = generate(size=6, seed=0)
-      >>> len(train), len(evals)
-      (24, 6)
+      >>> train, evals = generate(size=8, seed=0)
+      >>> len(train), len(evals) >= 400
+      (8, True)
     """
+    facts = candidates()
+    known = known_clozes() if known_only else None
+    if known is not None:
+        facts = [f for f in facts if f.cloze in known]
+    if not 0 < size < len(facts):
+        raise ValueError(f"size must be in 1..{len(facts) - 1} for offline med, got {size}")
     rng = random.Random(f"molf-offline-med-{seed}")
-    facts = _facts(rng, size)
-    held_out = [rng.randrange(_WORDINGS) for _ in facts]
-    train_plan = [(k, w) for k, h in enumerate(held_out) for w in range(_WORDINGS) if w != h]
-    eval_plan = list(enumerate(held_out))
-    train_positions = _positions(rng, len(train_plan))
-    eval_positions = _positions(rng, len(eval_plan))
-    train = [
-        _item(rng, i, k, facts[k], w, p)
-        for i, ((k, w), p) in enumerate(zip(train_plan, train_positions))
-    ]
-    rng.shuffle(train)
-    evals = [
-        _item(rng, len(train) + i, k, facts[k], w, p)
-        for i, ((k, w), p) in enumerate(zip(eval_plan, eval_positions))
-    ]
+    rng.shuffle(facts)
+    train_facts, eval_facts = facts[:size], facts[size:]
+    train = [_item(i, f, p) for i, (f, p) in
+             enumerate(zip(train_facts, _positions(rng, len(train_facts))))]
+    evals = [_item(size + i, f, p) for i, (f, p) in
+             enumerate(zip(eval_facts, _positions(rng, len(eval_facts))))]
     return train, evals

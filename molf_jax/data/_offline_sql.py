@@ -1,10 +1,14 @@
 """Offline text-to-SQL: random sqlite tables and rows, template questions, gold queries that run.
 
-Every example gets its own schema (one table, sometimes a child table joined on a foreign key)
-with invented row names, written as ``CREATE TABLE ...; INSERT INTO ...;`` statements in
-``sql_context`` like gretelai/synthetic_text_to_sql. Questions come from templates with several
-wordings; the gold SQL is written in one canonical style so exact match is learnable, and each
-gold query is executed at generation time and must return a non-empty result.
+Every example gets its own schema (one table, and 70% of the time a child table joined on a
+foreign key) with invented row names, written as ``CREATE TABLE ...; INSERT INTO ...;``
+statements in ``sql_context`` like gretelai/synthetic_text_to_sql. Questions come from 19
+templates with two or three wordings each: filters and aggregates, and the harder kinds (joins
+with GROUP BY and HAVING, nested and anti-join subqueries, ranking over a join's sums), so that
+fine-tuning on a thousand examples does not reach every held-out query (the earlier ten
+templates saturated at 99-100% for every method). Gold SQL is in one canonical style; each gold
+query runs at generation time and must return a non-empty result, and a LIMIT query must not
+cut through a tie.
 """
 
 from __future__ import annotations
@@ -138,7 +142,12 @@ def _a(word: str) -> str:
 
 
 def _question(rng, t, child):
-    """Returns (question, sql, complexity) for one random template."""
+    """Returns (question, sql, complexity) for one random template.
+
+    Half the templates are the harder kinds (joins with GROUP BY, HAVING, nested subqueries,
+    anti-joins, ranking over aggregates), so that a model fine-tuned on a thousand examples
+    does not reach every query.
+    """
     name = t["name"]
     text_col, num_col = rng.choice(t["text"]), rng.choice(t["num"])
     row = rng.choice(t["rows"])
@@ -146,9 +155,10 @@ def _question(rng, t, child):
     numbers = sorted({r[num_col] for r in t["rows"]})
     threshold = numbers[rng.randrange(len(numbers) - 1)] if len(numbers) > 1 else numbers[0] - 1
     kinds = ["filter_text", "filter_number", "count", "average", "extreme", "group", "top",
-             "two_conditions"]
+             "two_conditions", "above_average", "having", "count_distinct", "either"]
     if child is not None:
-        kinds += ["join_sum", "join_count"]
+        kinds += ["join_sum", "join_count", "join_group", "join_in", "join_not_in",
+                  "join_top", "join_having"]
     kind = rng.choice(kinds)
     tc, nc = _pretty(text_col), _pretty(num_col)
     if kind == "filter_text":
@@ -186,11 +196,12 @@ def _question(rng, t, child):
         ])
         return q, f"SELECT {func}({num_col}) FROM {name};", "aggregation"
     if kind == "group":
+        func, word = rng.choice([("SUM", "total"), ("AVG", "average"), ("MAX", "largest")])
         q = rng.choice([
-            f"Show the total {nc} for each {tc} in {name}.",
-            f"For every {tc}, what is the sum of {nc} across {name}?",
+            f"Show the {word} {nc} for each {tc} in {name}.",
+            f"For every {tc}, what is the {word} {nc} across {name}?",
         ])
-        sql = f"SELECT {text_col}, SUM({num_col}) FROM {name} GROUP BY {text_col};"
+        sql = f"SELECT {text_col}, {func}({num_col}) FROM {name} GROUP BY {text_col};"
         return q, sql, "aggregation"
     if kind == "top":
         k = rng.randint(1, 3)
@@ -209,25 +220,112 @@ def _question(rng, t, child):
         sql = (f"SELECT name FROM {name} WHERE {text_col} = '{value}' "
                f"AND {num_col} >= {threshold};")
         return q, sql, "basic SQL"
+    if kind == "either":
+        other = rng.choice([r[text_col] for r in t["rows"] if r[text_col] != value] or [value])
+        q = rng.choice([
+            f"Which {name} have {tc} {value} or {tc} {other}? Give their names.",
+            f"List the names of {name} whose {tc} is either {value} or {other}.",
+        ])
+        sql = (f"SELECT name FROM {name} WHERE {text_col} = '{value}' "
+               f"OR {text_col} = '{other}';")
+        return q, sql, "basic SQL"
+    if kind == "above_average":
+        word, op = rng.choice([("above", ">"), ("below", "<")])
+        q = rng.choice([
+            f"Which {name} have {_a(nc)} {word} the average {nc} of all {name}?",
+            f"List the names of {name} whose {nc} is {word} average.",
+        ])
+        sql = f"SELECT name FROM {name} WHERE {num_col} {op} (SELECT AVG({num_col}) FROM {name});"
+        return q, sql, "subqueries"
+    if kind == "having":
+        q = rng.choice([
+            f"Which values of {tc} appear in more than one of the {name}?",
+            f"List every {tc} shared by at least two {name}.",
+        ])
+        sql = f"SELECT {text_col} FROM {name} GROUP BY {text_col} HAVING COUNT(*) > 1;"
+        return q, sql, "aggregation"
+    if kind == "count_distinct":
+        q = rng.choice([
+            f"How many different values of {tc} are there in {name}?",
+            f"Count the distinct {tc} values among the {name}.",
+        ])
+        return q, f"SELECT COUNT(DISTINCT {text_col}) FROM {name};", "aggregation"
     c = child
-    parent_name = rng.choice([r["name"] for r in t["rows"]
-                              if any(x[c["fk"]] == r["id"] for x in c["rows"])])
+    cn, ct = _pretty(c["num"]), _pretty(c["text"])
+    join = f"{c['name']} JOIN {name} ON {c['name']}.{c['fk']} = {name}.id"
+    linked = [r["name"] for r in t["rows"] if any(x[c["fk"]] == r["id"] for x in c["rows"])]
+    parent_name = rng.choice(linked)
+    child_value = rng.choice(c["rows"])[c["text"]]
     if kind == "join_sum":
-        cn = _pretty(c["num"])
         q = rng.choice([
             f"What is the total {cn} of {c['name']} for the {_singular(name)} named {parent_name}?",
             f"Sum the {cn} of all {c['name']} linked to {parent_name} in {name}.",
         ])
-        sql = (f"SELECT SUM({c['name']}.{c['num']}) FROM {c['name']} JOIN {name} "
-               f"ON {c['name']}.{c['fk']} = {name}.id WHERE {name}.name = '{parent_name}';")
+        sql = f"SELECT SUM({c['name']}.{c['num']}) FROM {join} WHERE {name}.name = '{parent_name}';"
+        return q, sql, "single join"
+    if kind == "join_count":
+        q = rng.choice([
+            f"How many {c['name']} are recorded for {parent_name}?",
+            f"Count the {c['name']} of the {_singular(name)} called {parent_name}.",
+        ])
+        sql = f"SELECT COUNT(*) FROM {join} WHERE {name}.name = '{parent_name}';"
+        return q, sql, "single join"
+    if kind == "join_group":
+        q = rng.choice([
+            f"For each {tc} of the {name}, what is the total {cn} of their {c['name']}?",
+            f"Show the sum of {c['name']} {cn} per {_singular(name)} {tc}.",
+        ])
+        sql = (f"SELECT {name}.{text_col}, SUM({c['name']}.{c['num']}) FROM {join} "
+               f"GROUP BY {name}.{text_col};")
+        return q, sql, "single join"
+    if kind == "join_in":
+        q = rng.choice([
+            f"Which {name} have at least one of their {c['name']} with {ct} {child_value}?",
+            f"List the names of {name} that have {c['name']} whose {ct} is {child_value}.",
+        ])
+        sql = (f"SELECT name FROM {name} WHERE id IN (SELECT {c['fk']} FROM {c['name']} "
+               f"WHERE {c['text']} = '{child_value}');")
+        return q, sql, "subqueries"
+    if kind == "join_not_in":
+        q = rng.choice([
+            f"Which {name} have no {c['name']} at all?",
+            f"List the names of {name} without any {c['name']}.",
+        ])
+        sql = f"SELECT name FROM {name} WHERE id NOT IN (SELECT {c['fk']} FROM {c['name']});"
+        return q, sql, "subqueries"
+    if kind == "join_top":
+        word, order = rng.choice([("largest", "DESC"), ("smallest", "ASC")])
+        q = rng.choice([
+            f"Which {_singular(name)} has the {word} total {cn} over its {c['name']}?",
+            f"Name the {_singular(name)} whose {c['name']} add up to the {word} {cn}.",
+        ])
+        sql = (f"SELECT {name}.name FROM {join} GROUP BY {name}.name "
+               f"ORDER BY SUM({c['name']}.{c['num']}) {order} LIMIT 1;")
         return q, sql, "single join"
     q = rng.choice([
-        f"How many {c['name']} are recorded for {parent_name}?",
-        f"Count the {c['name']} of the {_singular(name)} called {parent_name}.",
+        f"Which {name} have more than one of their {c['name']}? Give their names.",
+        f"List the names of {name} with at least two {c['name']}.",
     ])
-    sql = (f"SELECT COUNT(*) FROM {c['name']} JOIN {name} ON {c['name']}.{c['fk']} = {name}.id "
-           f"WHERE {name}.name = '{parent_name}';")
+    sql = (f"SELECT {name}.name FROM {join} GROUP BY {name}.name "
+           f"HAVING COUNT(*) > 1;")
     return q, sql, "single join"
+
+
+def _unambiguous(context: str, sql: str) -> bool:
+    """A LIMIT query must not cut through a tie (two right answers)."""
+    if " LIMIT " not in sql:
+        return True
+    head, _, tail = sql.rpartition(" LIMIT ")
+    k = int(tail.rstrip(";"))
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(context)
+        order = head.split(" ORDER BY ", 1)[1]
+        keyed = head.replace("SELECT ", f"SELECT {order.rsplit(' ', 1)[0]}, ", 1)
+        keys = [r[0] for r in conn.execute(keyed).fetchall()]
+    finally:
+        conn.close()
+    return len(keys) <= k or keys[k - 1] != keys[k]
 
 
 def _runs_nonempty(context: str, sql: str) -> bool:
@@ -243,13 +341,13 @@ def _runs_nonempty(context: str, sql: str) -> bool:
 def _example(rng: random.Random, index: int) -> dict[str, Any]:
     while True:
         table = _table(rng)
-        child = _child_table(rng, table) if rng.random() < 0.35 else None
+        child = _child_table(rng, table) if rng.random() < 0.7 else None
         tables = [table] + ([child] if child else [])
         context = _context(tables)
         question, sql, complexity = _question(rng, table, child)
         # Resample (deterministically, from the same stream) until the gold result is non-empty,
         # so execution accuracy cannot be won by a query that returns nothing.
-        if _runs_nonempty(context, sql):
+        if _runs_nonempty(context, sql) and _unambiguous(context, sql):
             return {
                 "id": index,
                 "domain": table["name"],

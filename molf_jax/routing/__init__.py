@@ -13,7 +13,7 @@ from molf_jax.routing._labels import (ExpertLabel, label_lora_experts, labels_fr
 from molf_jax.routing._table import RoutingTable, build_routing_table as routing_table
 
 # Scores.
-from molf_jax.routing._scores import ExpertInfo, Score, epd, pfn, resolve_score
+from molf_jax.routing._scores import SCORE_EPS, ExpertInfo, Score, epd, pfn, resolve_score
 
 # Transforms.
 from molf_jax.routing._route import MolfRouteState, molf_route
@@ -29,6 +29,7 @@ __all__ = [
     "MolfGateState",
     "MolfRouteState",
     "RoutingTable",
+    "SCORE_EPS",
     "Score",
     "default_no_decay",
     "epd",

@@ -14,6 +14,7 @@ Sums cover norms, means and inner products. Higher scores win.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -92,10 +93,28 @@ _NAMED = {"epd": epd, "pfn": pfn}
 
 
 def resolve_score(score: str | Score) -> Score:
-    """Returns the `Score` for a name (``"epd"``, ``"pfn"``) or passes a `Score` through."""
+    """Returns the `Score` for a name, an import path, or a `Score` (passed through).
+
+    Names: ``"epd"``, ``"pfn"``. An import path ``"package.module:name"`` names a module-level
+    `Score` of your own (the module must be importable, e.g. on ``PYTHONPATH``).
+
+    Example:
+      >>> resolve_score("molf_jax.routing:pfn") is resolve_score("pfn")
+      True
+    """
     if isinstance(score, Score):
         return score
     if isinstance(score, str) and score.lower() in _NAMED:
         return _NAMED[score.lower()]
-    raise ValueError(f"unknown routing score {score!r}; use one of {sorted(_NAMED)} or a "
-                     "molf_jax.routing.Score")
+    if isinstance(score, str) and ":" in score:
+        module_name, _, attribute = score.partition(":")
+        try:
+            found = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"routing score {score!r} not found: {error}") from error
+        if not isinstance(found, Score):
+            raise ValueError(f"routing score {score!r} is a {type(found).__name__}, not a "
+                             "molf_jax.routing.Score")
+        return found
+    raise ValueError(f"unknown routing score {score!r}; use one of {sorted(_NAMED)}, "
+                     "'package.module:name', or a molf_jax.routing.Score")

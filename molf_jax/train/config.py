@@ -7,6 +7,7 @@ from typing import Any
 
 from molf_jax.data import PROTOCOL_SETTINGS, PROTOCOLS, TASKS, resolve_protocol
 from molf_jax.options import choices_of, option
+from molf_jax.routing import resolve_score
 
 MODES = ("fft", "lora", "molf", "molfe", "molf_gate")
 # Modes whose optimizer routes between experts (they log routing), and those with an FFT expert.
@@ -19,12 +20,38 @@ DTYPES = ("float32", "bfloat16")
 OVERFLOWS = ("drop", "truncate_left")
 ATTENTION = ("xla", "cudnn")
 
-# One alpha for every rank: with rsLoRA the scale 16 / sqrt(r) keeps a rank-128 expert's update
-# size close to a rank-16 one's (Kalajdzievski 2023), which routing between ranks needs.
-DEFAULT_ALPHA = 16.0
-# Per mode, the LoRA ranks used when none are given (DESIGN.md section 1).
-DEFAULT_RANKS = {"fft": (), "lora": (32,), "molf": (128,), "molfe": (16, 128),
+# The authors' recipe (arXiv 2605.07111 and their published code), per mode, used wherever a
+# setting is left at None. Sources, one per value:
+# - ranks: MoLF's one r128 expert (their config default); MoLF-E ranks 32 and 128 (their
+#   MoLF-E quickstart); LoRA baseline r32 (their baseline scripts).
+DEFAULT_RANKS = {"fft": (), "lora": (32,), "molf": (128,), "molfe": (32, 128),
                  "molf_gate": (128,)}
+# - alpha: routed experts 32 with rsLoRA (their config default; s = 32 / sqrt(r)). The LoRA
+#   baseline follows their scripts' rsLoRA rule alpha = round(2 sqrt(r)) (r 32 -> 11).
+ROUTED_ALPHA = 32.0
+
+
+def baseline_alpha(rank: int) -> float:
+    """The authors' LoRA-baseline alpha for a rank: round(2 sqrt(r)).
+
+    Example:
+      >>> baseline_alpha(32)
+      11.0
+    """
+    return float(round(2 * rank ** 0.5))
+
+
+# - LoRA learning rate: MoLF and MoLF-E use the FFT rate, 5e-5 (their README quickstart: EPD
+#   multiplies each expert's score by its rate, so unequal rates bias the routing); the LoRA
+#   baseline takes 5e-4, the first value of their sweep {5e-4, 5e-5}. FFT: 5e-5, the middle
+#   of their sweep {1e-4, 5e-5, 2e-5} and their MoLF quickstart's rate.
+DEFAULT_LORA_LR = {"fft": 5e-4, "lora": 5e-4, "molf": 5e-5, "molfe": 5e-5, "molf_gate": 5e-5}
+# - top-k: MoLF top-1 (paper default); MoLF-E top-2 (their MoLF-E quickstart).
+DEFAULT_TOP_K = {"fft": 1, "lora": 1, "molf": 1, "molfe": 2, "molf_gate": 1}
+# Warm-up ratio 0.1 (warm-up = ceil(0.1 x steps), as their HF Trainer counts it), weight decay
+# 0.1 / 0.01, dropout 0.05, cosine: the field defaults below. Their effective batch is 32
+# (8 x grad-accum 4) for 2 epochs; the CLI keeps 8 x 1 so that the main job runs in minutes on
+# a CPU (`--grad-accum 4` gives theirs; scripts/reproduce.py does).
 
 
 class ConfigError(ValueError):
@@ -40,9 +67,11 @@ class TrainConfig:
     Numerics and kernels left None (the default) take the platform's choice when the run starts
     (`molf_jax.train.platform.with_platform_defaults`).
 
+    Defaults left at None follow the authors' recipe for the mode (see the constants above).
+
     Example:
-      >>> TrainConfig(mode="molfe").ranks
-      (16, 128)
+      >>> TrainConfig(mode="molfe").ranks, TrainConfig(mode="molfe").routing_top_k
+      ((32, 128), 2)
     """
 
     mode: str = option("molf", "fft, lora, molf (FFT expert + LoRA experts), molfe (frozen "
@@ -65,10 +94,10 @@ class TrainConfig:
 
     lora_ranks: tuple[int, ...] | None = option(
         None, "ranks of the LoRA experts", group="LoRA experts",
-        default_text="lora 32, molf and molf_gate 128, molfe 16 128")
+        default_text="lora 32, molf and molf_gate 128, molfe 32 128")
     lora_alpha: tuple[float, ...] | None = option(
         None, "one alpha for all ranks, or one per rank; with rsLoRA s = alpha / sqrt(r)",
-        default_text=f"{DEFAULT_ALPHA:g}")
+        default_text=f"{ROUTED_ALPHA:g} for routed experts, round(2 sqrt(r)) for lora")
     lora_dropout: float = option(0.05, "dropout on the LoRA experts' input")
     rslora: bool = option(True, "scale by alpha/r instead of alpha/sqrt(r)",
                           flag="--no-rslora")
@@ -78,11 +107,14 @@ class TrainConfig:
 
     fft_lr: float = option(5e-5, "peak learning rate of the FFT expert and non-routed leaves",
                            group="optimizer and routing")
-    lora_lr: float = option(5e-4, "peak learning rate of the LoRA experts")
+    lora_lr: float | None = option(None, "peak learning rate of the LoRA experts",
+                                   default_text="5e-5 in molf, molfe, molf_gate; 5e-4 in lora")
     fft_weight_decay: float = option(0.1, "AdamW weight decay of the FFT group")
     lora_weight_decay: float = option(0.01, "AdamW weight decay of the LoRA experts")
-    top_k: int = option(1, "experts updated per module and step (molf, molfe)")
-    score: str = option("epd", "routing score (paper Eq. 10 and 11)", choices=SCORES)
+    top_k: int | None = option(None, "experts updated per module and step (molf, molfe)",
+                               default_text="1, molfe 2")
+    score: str = option("epd", f"routing score: {', '.join(SCORES)} (paper Eq. 10 and 11), or "
+                        "package.module:name of your own molf_jax.routing.Score")
     train_embeddings_norms: bool = option(
         False, "molfe: also train embeddings, norms and non-target params (the authors' "
         "default; ours keeps them frozen: MoLF-Efficient's point is the frozen base)")
@@ -146,9 +178,19 @@ class TrainConfig:
         return tuple(self.lora_ranks) if self.lora_ranks is not None else DEFAULT_RANKS[self.mode]
 
     @property
+    def lora_learning_rate(self) -> float:
+        return DEFAULT_LORA_LR[self.mode] if self.lora_lr is None else self.lora_lr
+
+    @property
+    def routing_top_k(self) -> int:
+        return DEFAULT_TOP_K[self.mode] if self.top_k is None else self.top_k
+
+    @property
     def alphas(self) -> tuple[float, ...]:
         if self.lora_alpha is None:
-            return tuple(DEFAULT_ALPHA for _ in self.ranks)
+            if self.mode == "lora":
+                return tuple(baseline_alpha(r) for r in self.ranks)
+            return tuple(ROUTED_ALPHA for _ in self.ranks)
         if len(self.lora_alpha) == 1:
             return tuple(float(self.lora_alpha[0]) for _ in self.ranks)
         return tuple(float(a) for a in self.lora_alpha)
@@ -183,6 +225,11 @@ def _check(c: TrainConfig) -> None:
         need(allowed is None or value in allowed or (value is None and field.default is None),
              f"unknown {field.name.replace('_', '-')} {value!r}; choose one of "
              f"{', '.join(allowed or ())}")
+    if c.score not in SCORES:
+        try:
+            resolve_score(c.score)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     ranks = c.ranks
     need(all(isinstance(r, int) and r > 0 for r in ranks),
          f"LoRA ranks must be positive integers, got {list(ranks)}")
@@ -198,10 +245,11 @@ def _check(c: TrainConfig) -> None:
              f"give one LoRA alpha or one per rank ({len(ranks)}), got {list(c.lora_alpha)}")
     experts = len(ranks) + (1 if c.mode in FFT_EXPERT_MODES else 0)
     if c.mode in ROUTED_MODES:
-        need(isinstance(c.top_k, int) and 1 <= c.top_k <= experts,
+        need(isinstance(c.routing_top_k, int) and 1 <= c.routing_top_k <= experts,
              f"top-k must be between 1 and the number of experts per module ({experts}), "
-             f"got {c.top_k}")
-    for name in ("fft_lr", "lora_lr", "fft_weight_decay", "lora_weight_decay"):
+             f"got {c.routing_top_k}")
+    need(c.lora_lr is None or c.lora_lr >= 0, f"lora-lr must be >= 0, got {c.lora_lr}")
+    for name in ("fft_lr", "fft_weight_decay", "lora_weight_decay"):
         need(getattr(c, name) >= 0, f"{name.replace('_', '-')} must be >= 0, got "
                                     f"{getattr(c, name)}")
     need(0 <= c.lora_dropout < 1, f"lora-dropout must be in [0, 1), got {c.lora_dropout}")

@@ -18,6 +18,7 @@ Biases and norm scales take no weight decay in every mode.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -72,8 +73,12 @@ def is_trainable(config: TrainConfig, target_linears: set[str]) -> Callable[[str
 
 
 def make_schedule(config: TrainConfig, peak: float, total_steps: int) -> optax.Schedule:
-    """Warm-up over ``warmup_ratio`` of the optimizer steps, then cosine or linear to zero."""
-    warmup = int(round(config.warmup_ratio * total_steps))
+    """Warm-up over ``warmup_ratio`` of the optimizer steps, then cosine or linear to zero.
+
+    The warm-up is ``ceil(warmup_ratio * total_steps)`` steps, as the authors' HF Trainer
+    counts it (0.1 of 24 steps: 3).
+    """
+    warmup = math.ceil(config.warmup_ratio * total_steps)
     if config.schedule == "constant":
         decay = optax.constant_schedule(peak)
     elif config.schedule == "cosine":
@@ -90,7 +95,7 @@ def build_optimizer(config: TrainConfig, total_steps: int,
                                                                 dict[str, optax.Schedule]]:
     """The mode's optimizer over the trainable tree, and its schedules by group name."""
     fft_lr = make_schedule(config, config.fft_lr, total_steps)
-    lora_lr = make_schedule(config, config.lora_lr, total_steps)
+    lora_lr = make_schedule(config, config.lora_learning_rate, total_steps)
     numerics = with_platform_defaults(config)
     # optax keeps nu in the parameters' dtype; mu follows state_dtype when it differs.
     mu_dtype = None if numerics.state_dtype == numerics.param_dtype else numerics.state_dtype
@@ -105,13 +110,13 @@ def build_optimizer(config: TrainConfig, total_steps: int,
         tx = molf_adamw(label_lora_experts, fft_learning_rate=fft_lr, lora_learning_rate=lora_lr,
                         fft_weight_decay=config.fft_weight_decay,
                         lora_weight_decay=config.lora_weight_decay, mu_dtype=mu_dtype,
-                        top_k=config.top_k, score=config.score)
+                        top_k=config.routing_top_k, score=config.score)
     else:
         tx = optax.partition({"fft": adamw(fft_lr, config.fft_weight_decay),
                               "fft_no_decay": adamw(fft_lr, 0.0),
                               "lora": adamw(lora_lr, config.lora_weight_decay)}, groups)
         if config.mode == "molf_gate":
-            tx = optax.chain(molf_gate(label_lora_experts, top_k=config.top_k), tx)
+            tx = optax.chain(molf_gate(label_lora_experts, top_k=config.routing_top_k), tx)
     if max_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
     return tx, {"fft": fft_lr, "lora": lora_lr}
