@@ -22,3 +22,8 @@ def test_routing_any_pytree_example_runs_and_learns(capsys):
     wins = np.asarray(namespace["route_state"].win_counts[0])
     assert wins.sum() == namespace["steps"]  # one winner per step (top-1)
     assert "wins per expert" in out
+
+
+def test_the_custom_score_example_is_the_shipped_file():
+    shipped = (README.parent / "scripts" / "custom_score.py").read_text()
+    assert readme_block("Your own routing score") == shipped

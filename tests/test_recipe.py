@@ -66,3 +66,10 @@ def test_a_score_path_that_does_not_resolve_is_a_config_error():
         TrainConfig(score="no_such_module_here:score")
     with pytest.raises(ConfigError, match="not a molf_jax.routing.Score"):
         TrainConfig(score="math:pi")
+
+
+def test_the_cli_stops_with_status_2_on_a_score_that_does_not_resolve(capsys):
+    from molf_jax.cli import main
+
+    assert main(["train", "--score", "no_such_module_here:score"]) == 2
+    assert "routing score 'no_such_module_here:score' not found" in capsys.readouterr().err

@@ -2,11 +2,11 @@
 
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tiny_run import tiny_hf_folder
@@ -25,49 +25,85 @@ def load_script(name):
 reproduce = load_script("reproduce")
 
 
-def row(task, method, scale, val, test, loss=1.0):
-    metric = reproduce.PRIMARY[task]
-    return {"task": task, "method": method, "lr_scale": scale, "val": {metric: val},
-            "test": {metric: test}, "train_loss": loss, "peak_memory_gib": 1.0,
-            "train_seconds": 2.0, "size": {"test": 10}}
+def row(task, method, setting, seed, val, cases):
+    return {"task": task, "method": method, "setting": setting,
+            "label": reproduce.setting_label(setting), "seed": seed, "val": val,
+            "test": reproduce.metric_of(task, cases), "test_cases": cases, "n_test": 4,
+            "size": {}, "device": "cpu"}
 
 
-def test_choice_uses_validation_then_loss_then_smaller_scale():
-    rows = [row("med", "base", None, 0.9, 0.9),
-            row("med", "fft", 0.3, 0.50, 0.99),   # best test, worse validation: not chosen
-            row("med", "fft", 1.0, 0.60, 0.40),
-            row("med", "lora", 1.0, 0.70, 0.50, loss=2.0),
-            row("med", "lora", 3.0, 0.70, 0.60, loss=1.0),   # same val, lower loss
-            row("med", "molf", 0.3, 0.55, 0.45),
-            row("med", "molf", 1.0, 0.55, 0.47)]              # full tie: smaller scale wins
-    chosen = reproduce.choose(rows)
-    assert set(chosen) == {("med", "fft"), ("med", "lora"), ("med", "molf")}
-    assert chosen[("med", "fft")]["lr_scale"] == 1.0
-    assert chosen[("med", "lora")]["lr_scale"] == 3.0
-    assert chosen[("med", "molf")]["lr_scale"] == 0.3
+FFT = reproduce.METHODS["fft"]      # the authors' sweep: 1e-4, 5e-5, 2e-5
+LORA = reproduce.METHODS["lora"]    # 5e-4, 5e-5
 
 
-def test_claims_compare_test_metrics_with_a_1_5_point_margin():
-    chosen = reproduce.choose([
-        row("sql", "fft", 1.0, 0.5, 0.800), row("sql", "lora", 1.0, 0.5, 0.700),
-        row("sql", "molf", 1.0, 0.5, 0.786), row("sql", "molfe", 1.0, 0.5, 0.690),
-        row("fact", "fft", 1.0, 0.5, 0.600), row("fact", "lora", 1.0, 0.5, 0.650),
-        row("fact", "molf", 1.0, 0.5, 0.630), row("fact", "molfe", 1.0, 0.5, 0.660)])
-    by_task = {c["task"]: c for c in reproduce.claims(chosen)}
-    assert set(by_task) == {"sql", "fact"}
-    assert by_task["sql"]["molf_within_1_5_points"] is True       # 1.4 points below FFT
-    assert math.isclose(by_task["sql"]["molf_minus_best_of_fft_lora"], -0.014)
-    assert by_task["sql"]["molfe_beats_lora"] is False
-    assert by_task["fact"]["molf_within_1_5_points"] is False     # 2 points below LoRA
-    assert by_task["fact"]["molfe_beats_lora"] is True
+def test_rates_are_chosen_on_the_first_seeds_validation_then_the_order_of_the_sweep():
+    ok = {"correct": [1, 0, 1, 0]}
+    rows = [row("med", "fft", FFT[0], 0, 50.0, ok), row("med", "fft", FFT[1], 0, 60.0, ok),
+            row("med", "fft", FFT[2], 0, 60.0, ok),   # tie with 5e-5: the earlier one wins
+            row("med", "fft", FFT[2], 1, 99.0, ok),   # another seed never chooses
+            row("med", "lora", LORA[1], 0, 70.0, ok), row("med", "lora", LORA[0], 0, 20.0, ok)]
+    chosen = reproduce.choose_settings(rows, seed=0)
+    assert chosen == {("med", "fft"): "fft_lr=5e-05", ("med", "lora"): "lora_lr=5e-05"}
 
 
-def test_fact_score_is_the_harmonic_mean_of_its_three_parts():
-    parts = {"efficacy_score": 0.9, "paraphrase_score": 0.6, "neighborhood_score": 0.3}
-    out = reproduce.primary_metrics("fact", parts)
-    assert math.isclose(out["fact_score"], 3 / (1 / 0.9 + 1 / 0.6 + 1 / 0.3))
-    assert reproduce.primary_metrics("fact", {**parts, "efficacy_score": 0.0})["fact_score"] == 0
-    assert "fact_score" not in reproduce.primary_metrics("med", {"accuracy": 0.5})
+def test_later_seeds_wait_for_the_first_seeds_sweep_and_use_its_choice():
+    plan = reproduce.Plan(tasks=("med",), methods=("fft", "molf"), seeds=(0, 1), model="m",
+                          preset="smoke", study=False)
+    names = {j.name for j in reproduce.planned_jobs(plan, [])}
+    assert "med__molf__recipe__s1" in names                   # one setting: no wait
+    assert not any(n.startswith("med__fft") and n.endswith("s1") for n in names)
+    ok = {"correct": [1, 1, 0, 0]}
+    rows = [row("med", "fft", s, 0, v, ok) for s, v in zip(FFT, (10.0, 30.0, 20.0))]
+    names = {j.name for j in reproduce.planned_jobs(plan, rows)}
+    assert {n for n in names if n.startswith("med__fft") and n.endswith("s1")} == {
+        "med__fft__fft_lr=5e-05__s1"}
+
+
+def test_paired_bootstrap_interval_of_a_difference():
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2, 400)
+    better = np.where(rng.random(400) < 0.3, 1, base)   # right wherever base is, and more
+    same = reproduce.paired_difference("med", [{"correct": base}], [{"correct": base}])
+    assert same == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    diff = reproduce.paired_difference("med", [{"correct": better}], [{"correct": base}])
+    expected = 100 * (better.mean() - base.mean())
+    assert diff["mean"] == pytest.approx(expected, abs=0.01)
+    low, high = diff["ci95"]
+    assert 0 < low < expected < high
+    # Paired: the interval is that of the per-case differences, narrower than unpaired.
+    assert high - low < 2 * 1.96 * 100 * np.sqrt(better.var() / 400 + base.var() / 400)
+    assert reproduce.verdict(diff, at_least=0.0) == "yes"
+    assert reproduce.verdict({"mean": -3, "ci95": [-5, -1]}, at_least=0.0) == "no"
+    assert reproduce.verdict({"mean": 1, "ci95": [-1, 3]}, at_least=0.0) == "inconclusive"
+    assert reproduce.verdict({"mean": -1, "ci95": [-1.4, 0.2]}, at_least=-1.5) == "yes"
+
+
+def test_fact_metric_is_the_harmonic_mean_of_the_held_out_scores():
+    cases = {"paraphrase": [1.0, 0.5], "neighborhood": [0.2, 0.4], "efficacy": [1.0, 1.0]}
+    assert reproduce.metric_of("fact", cases) == pytest.approx(100 * 2 / (1 / 0.75 + 1 / 0.3))
+    assert reproduce.metric_of("fact", {**cases, "neighborhood": [0.0, 0.0]}) == 0.0
+    assert reproduce.metric_of("sql", {"correct": [1, 0, 0, 0]}) == 25.0
+
+
+def test_summary_compares_the_chosen_runs_over_seeds_with_the_issues_fields():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1):
+        truth = rng.integers(0, 2, 50)
+        runs = {"fft": np.ones(50, int), "lora": truth, "molf": truth,
+                "molfe": np.zeros(50, int), "molfe_top1": truth, "molf_gate": truth}
+        for method, correct in runs.items():
+            for setting in reproduce.METHODS[method]:
+                rows.append(row("sql", method, setting, seed, 50.0, {"correct": correct}))
+    task = reproduce.summarise(rows, [0, 1])["sql"]
+    assert task["seeds"] == [0, 1] and task["n_test"] == 4
+    assert set(task["methods"]) == set(reproduce.METHODS)
+    for key in ("fft_minus_lora", "molf_minus_best", "molfe_minus_lora"):
+        assert set(task[key]) == {"mean", "ci95"}
+    assert task["molfe_minus_adalora"] is None      # no adalora runs
+    assert task["fft_minus_lora"]["ci95"][0] > 0    # fft is right everywhere
+    assert task["claims"]["molfe_beats_lora"] == "no"
+    assert task["claims"]["molfe_beats_adalora"] is None
 
 
 def test_readme_tables_are_the_scripts_output(capsys):
@@ -95,27 +131,32 @@ def tiny_run(tmp_path_factory):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--model", str(model),
          "--preset", "smoke", "--tasks", "fact", "--methods", "fft", "lora", "molf",
-         "--lr-scales", "1", "--workers", "2", "--out-dir", str(out), "--check-repeat"],
+         "--single-rate", "--seeds", "0", "1", "--no-study", "--workers", "2",
+         "--out-dir", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done.stdout
 
 
-def test_a_tiny_reproduction_runs_end_to_end_and_repeats_exactly(tiny_run):
+def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
     out, stdout = tiny_run
     results = json.loads((out / "results.json").read_text())
-    assert sorted((r["method"], r["lr_scale"]) for r in results["rows"]) == [
-        ("base", None), ("fft", 1.0), ("lora", 1.0), ("molf", 1.0)]
-    trained = [r for r in results["rows"] if r["method"] != "base"]
-    # Same token budget: every method saw the same number of steps and tokens.
-    assert len({(r["steps"], r["tokens"]) for r in trained}) == 1
-    assert {c["method"] for c in results["chosen"]} == {"fft", "lora", "molf"}
-    assert results["claims"][0]["task"] == "fact"
-    assert "molf_within_1_5_points" in results["claims"][0]
-    # The repeat is a separate process from scratch; its metrics must be bit-identical.
-    assert results["repeat_check"]["identical"] is True
-    assert results["repeat_check"]["first"] == results["repeat_check"]["second"]
-    assert (out / "plots" / "fact_molf" / "routing_heatmap.png").stat().st_size > 0
+    rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [
+        ("base", 0), ("fft", 0), ("fft", 1), ("lora", 0), ("lora", 1), ("molf", 0), ("molf", 1)]
+    trained = [r for r in rows if r["method"] != "base"]
+    # Same examples in the same order within a seed: the same steps and tokens per seed.
+    for seed in (0, 1):
+        assert len({(r["steps"], r["tokens"]) for r in trained if r["seed"] == seed}) == 1
+    fact = results["tasks"]["fact"]
+    assert fact["seeds"] == [0, 1] and fact["n_test"] == 4
+    assert set(fact["methods"]) == {"fft", "lora", "molf"}
+    assert all(len(m["test"]) == 2 for m in fact["methods"].values())
+    assert set(fact["fft_minus_lora"]) == {"mean", "ci95"}
+    molf = next(r for r in rows if r["method"] == "molf" and r["seed"] == 0)
+    assert set(molf["routing"]["share_by_projection"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (out / "plots" / "fft_share_fact.png").stat().st_size > 0
     tables = reproduce.render(results)
     assert tables in stdout
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--render",
