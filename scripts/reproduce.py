@@ -1,21 +1,21 @@
 """Does MoLF pay off? The authors' recipe on the real Gemma 3 270M, three seeds, paired CIs.
 
 Methods (each in the authors' recipe, ``molf_jax/train/config.py``): fft and lora r32 at every
-rate of the authors' sweep (FFT {1e-4, 5e-5, 2e-5}, LoRA {5e-4, 5e-5}; the rate with the best
-mean *validation* metric over seeds is reported), molf (FFT + r128, EPD, top-1, both rates
+rate of the authors' sweep on the first seed (FFT {1e-4, 5e-5, 2e-5}, LoRA {5e-4, 5e-5}; the
+rate with the best *validation* metric there runs the other seeds), molf (FFT + r128, EPD, top-1, both rates
 5e-5), molfe (r32 + r128, top-2, the authors' MoLF-E quickstart) and molfe_top1, molf_gate (the
 gradient-gated chain form), and adalora when the library has that mode. Within a seed every
-method trains on the same examples in the same order (same initial LoRA factors where shapes
-agree); seeds change the data draw, the order, the initialisation and the dropout.
+method trains on the same examples in the same order; seeds change the data draw, the order,
+the initialisation and the dropout.
 
 Per task: mean +- std over seeds of every method's test metric, and paired differences
 (FFT - LoRA, MoLF - max(FFT, LoRA), MoLF-E - LoRA, MoLF-E - AdaLoRA) with 95% confidence
 intervals from a paired bootstrap over test cases pooled over seeds; the claim table says yes,
-no or inconclusive from those intervals. The routing study (seed 0) reruns molf with the
-FFT/LoRA rate ratio at 3 and 10, top-2, PFN and a score of your own (``--score``), and records
-the FFT expert's share per projection type over steps.
+no or inconclusive from those intervals. The routing study (first seed) reruns molf with the
+LoRA/FFT rate ratio at 3 and 10, with PFN and with a score of your own (``--score``), and
+records the FFT expert's share per projection type over steps (top-k: molfe top-2 vs top-1).
 
-  python scripts/reproduce.py --workers 12                # the README's run (one H200)
+  python scripts/reproduce.py --workers 14                # the README's command (one H200)
   python scripts/reproduce.py --render                    # the README tables from results.json
 
 Outputs in ``--out-dir`` (default ``reproduce_results``): ``rows/*.json`` (one per run, with
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
