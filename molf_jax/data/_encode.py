@@ -200,7 +200,7 @@ def encode_records(
       >>> data = load_task('fact', size=4, seed=0)
       >>> encoded, stats = encode_records('fact', data.train, byte_level_tokenizer())
       >>> stats.kept
-      4
+      8
     """
     examples = (render_example(task, r, sql_with_context=sql_with_context, protocol=protocol)
                 for r in records)

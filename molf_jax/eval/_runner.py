@@ -285,7 +285,7 @@ def evaluate_task(
 
     Example:
       >>> from molf_jax.data import byte_level_tokenizer, load_task
-      >>> records = load_task('med', size=4, seed=0).eval
+      >>> records = load_task('med', size=4, seed=0).eval[:4]
       >>> always_a = lambda ids, mask: np.tile(np.array([36, 69], np.int32), (len(ids), 1))
       >>> evaluate_task('med', None, None, byte_level_tokenizer(), records,
       ...               batch_size=2, generate_fn=always_a)['accuracy']['n']

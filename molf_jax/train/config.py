@@ -87,7 +87,9 @@ class TrainConfig:
         None, "data preparation and scoring: 'authors' (their code's prompts, EOS, BOS "
         "handling, no length cap, random batches and metrics, to compare with the paper) or "
         "'molf_jax' (ours)", default_text="authors for paper data, molf_jax for offline tasks")
-    task_size: int = option(96, "records the offline generator makes")
+    # 48 fact edits plus their 48 anchors: 24 steps of 8 over 2 epochs, the CPU main job.
+    task_size: int = option(48, "records the offline generator makes (offline fact: edits, "
+                            "each trained with one anchor)")
     seed: int = option(0, "seed of parameters, data order and dropout")
     out_dir: str = option("runs/molf", "the run directory")
     resume: bool = option(False, "continue the run in --out-dir")
