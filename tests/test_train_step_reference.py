@@ -84,7 +84,9 @@ def factored(model):
 # Rates per mode. MoLF: EPD scales each score by the expert's rate; on this model LoRA scores
 # ran 1.5-4x the FFT expert's at equal rates, so the FFT rate is 2.5x the LoRA rate to have both
 # kinds of expert win within a few steps.
-RATES = {"molf": dict(fft_lr=1e-2, lora_lr=4e-3)}
+# Measured with alpha 16 (s = 8 at rank 4), pinned here: the recipe's 32 doubles the LoRA
+# scale and the LoRA expert then won every module and step.
+RATES = {"molf": dict(fft_lr=1e-2, lora_lr=4e-3, lora_alpha=(16.0,))}
 MICRO, ROWS, LENGTH = 3, 2, 24  # every step of this file: 3 micro-batches of 2 rows
 ADAM_B1 = 0.9  # optax.adamw's default
 
