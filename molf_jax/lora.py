@@ -159,7 +159,7 @@ def _expert_index(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _map_linears(params: Mapping, fn, path: tuple[str, ...] = ()) -> dict:
+def map_linears(params: Mapping, fn, path: tuple[str, ...] = ()) -> dict:
     """Rebuilds ``params`` with ``fn(path_str, linear_dict)`` applied to every linear's dict."""
     out = {}
     for key, value in params.items():
@@ -167,7 +167,7 @@ def _map_linears(params: Mapping, fn, path: tuple[str, ...] = ()) -> dict:
         if _is_linear(value):
             out[key] = fn("/".join(sub), value)
         elif isinstance(value, Mapping):
-            out[key] = _map_linears(value, fn, sub)
+            out[key] = map_linears(value, fn, sub)
         else:
             out[key] = value
     return out
@@ -216,7 +216,7 @@ def add_lora_experts(params: Mapping, spec: LoraSpec, rng: jax.Array) -> dict:
         targeted.append(path)
         return out
 
-    result = _map_linears(params, add)
+    result = map_linears(params, add)
     if not targeted:
         raise ValueError(f"LoraSpec.targets {spec.targets} matched no linear in the tree")
     return result
@@ -254,7 +254,7 @@ def merge_lora(params: Mapping, spec: LoraSpec) -> dict:
         out["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
         return out
 
-    return _map_linears(params, merge)
+    return map_linears(params, merge)
 
 
 def strip_lora(params: Mapping) -> dict:
@@ -267,7 +267,7 @@ def strip_lora(params: Mapping) -> dict:
     def strip(_, linear: Mapping) -> dict:
         return {k: v for k, v in linear.items() if _expert_index(str(k)) is None}
 
-    return _map_linears(params, strip)
+    return map_linears(params, strip)
 
 
 def lora_paths(params: Mapping) -> tuple[str, ...]:
@@ -285,7 +285,7 @@ def lora_paths(params: Mapping) -> tuple[str, ...]:
                 paths.extend(f"{path}/{key}/{leaf}" for leaf in value)
         return linear
 
-    _map_linears(params, collect)
+    map_linears(params, collect)
     return tuple(sorted(paths))
 
 

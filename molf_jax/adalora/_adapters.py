@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molf_jax.lora import DEFAULT_TARGETS, targets_match
+from molf_jax.lora import DEFAULT_TARGETS, map_linears as _map_linears, targets_match
 
 __all__ = ["ADALORA_KEY", "AdaLoraSpec", "add_adalora", "adalora_triplets", "delta_kernel",
            "is_adalora_path",
@@ -88,24 +88,6 @@ def is_adalora_path(path: str) -> bool:
       (True, False)
     """
     return f"/{ADALORA_KEY}/" in f"/{path}"
-
-
-def _is_linear(node: Any) -> bool:
-    return isinstance(node, Mapping) and "kernel" in node and not isinstance(node["kernel"],
-                                                                             Mapping)
-
-
-def _map_linears(params: Mapping, fn, path: tuple[str, ...] = ()) -> dict:
-    out = {}
-    for key, value in params.items():
-        sub = (*path, str(key))
-        if _is_linear(value):
-            out[key] = fn("/".join(sub), value)
-        elif isinstance(value, Mapping):
-            out[key] = _map_linears(value, fn, sub)
-        else:
-            out[key] = value
-    return out
 
 
 def adalora_triplets(params: Mapping, path: tuple[str, ...] = ()
