@@ -24,8 +24,7 @@ from molf_jax.checkpoints import default_model
 from molf_jax.checkpoints.folders import EXPORT_MARKER
 from molf_jax.checkpoints.default_model import CacheError, MARKER_FILE, default_model_dir
 from molf_jax.cli import main as cli_main
-from molf_jax.train import RunCheckpointer
-from tiny_run import tiny_hf_folder
+from tiny_run import final_params, tiny_hf_folder
 
 STEPS, SAVE_EVERY, KILLS = 12, 2, 5
 
@@ -63,14 +62,6 @@ def launch(args, env, kill_at=0):
 
 def steps_logged(run_dir, name):
     return [json.loads(line)["step"] for line in open(run_dir / name)]
-
-
-def final_params(run_dir):
-    checkpointer = RunCheckpointer(run_dir, async_save=False)
-    try:
-        return checkpointer.latest_params()
-    finally:
-        checkpointer.close()
 
 
 def assert_bitwise_equal(a, b):

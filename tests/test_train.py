@@ -12,13 +12,13 @@ from jax.sharding import NamedSharding
 from molf_jax import models
 from molf_jax.cli import main as cli_main
 from molf_jax.data import byte_level_tokenizer
-from molf_jax.train import RunCheckpointer, train
+from molf_jax.train import train
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_spec
 from molf_jax.train.modes import build_optimizer, is_trainable
 from molf_jax.train.setup import build_params, resolve_model, target_linears, training_model
 from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.train.trees import split_tree, tree_paths
-from tiny_run import tiny_config, tiny_hf_folder
+from tiny_run import final_params, tiny_config, tiny_hf_folder
 
 # The tiny Qwen2 of tiny_run: D=32, F=64, L=2 layers, N=4 heads, K=2 kv heads, H=8 head dim.
 D, F, L, N, K, H = 32, 64, 2, 4, 2, 8
@@ -109,14 +109,6 @@ def test_molf_at_full_top_k_is_plain_adamw(tiny_dir, tmp_path):
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          results[0], params)
     assert min(jax.tree.leaves(moved)) > 0  # every leaf, LoRA and base, was updated
-
-
-def final_params(run_dir):
-    checkpointer = RunCheckpointer(run_dir, async_save=False)
-    try:
-        return checkpointer.latest_params()
-    finally:
-        checkpointer.close()
 
 
 def test_eight_device_run_matches_one_device(tiny_dir, tmp_path):

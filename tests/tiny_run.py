@@ -7,6 +7,7 @@ import jax
 from molf_jax import models
 from molf_jax.checkpoints import save_hf
 from molf_jax.data import byte_level_tokenizer
+from molf_jax.train import RunCheckpointer
 
 
 def tiny_hf_folder(path: Path, family: str = "qwen2", seed: int = 0) -> Path:
@@ -66,3 +67,12 @@ def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float
     trainable = is_trainable(config, target_linears(params))
     optimizer, _ = build_optimizer(config, total_steps=8, max_grad_norm=max_grad_norm)
     return model, params, trainable, optimizer
+
+
+def final_params(run_dir):
+    """(step, params) of a run directory's latest checkpoint."""
+    checkpointer = RunCheckpointer(run_dir, async_save=False)
+    try:
+        return checkpointer.latest_params()
+    finally:
+        checkpointer.close()
