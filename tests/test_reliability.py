@@ -28,17 +28,19 @@ from tiny_run import final_params, tiny_hf_folder
 
 STEPS, SAVE_EVERY, KILLS = 12, 2, 5
 
-# Runs the CLI; with MOLF_TEST_KILL_AT=k the process SIGKILLs itself right after writing the
-# metrics row of step k (inside the loop, before that step's checkpoint when one is due).
+# Runs the CLI; with MOLF_TEST_KILL_AT=k the process sends itself MOLF_TEST_SIGNAL (SIGKILL
+# unless named) right after writing the metrics row of step k (inside the loop, before that
+# step's checkpoint when one is due).
 _LAUNCHER = """
 import os, signal, sys
 from molf_jax.train import runlog
 kill_at = int(os.environ.get("MOLF_TEST_KILL_AT", "0"))
+kill_with = getattr(signal, os.environ.get("MOLF_TEST_SIGNAL", "SIGKILL"))
 write = runlog.RunLog.metrics
 def metrics(self, row):
     write(self, row)
     if row["step"] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), kill_with)
 runlog.RunLog.metrics = metrics
 from molf_jax.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -53,8 +55,8 @@ def common_args(model_dir):
             "--save-every-minutes", "0"]
 
 
-def launch(args, env, kill_at=0):
-    env = dict(env, MOLF_TEST_KILL_AT=str(kill_at))
+def launch(args, env, kill_at=0, signal_name="SIGKILL"):
+    env = dict(env, MOLF_TEST_KILL_AT=str(kill_at), MOLF_TEST_SIGNAL=signal_name)
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, "train", *args], env=env,
                           capture_output=True, text=True, timeout=900)
     return done.returncode, done.stderr + done.stdout
@@ -116,6 +118,21 @@ def test_killed_five_times_then_resumed_equals_the_uninterrupted_run(runs):
     summaries = [json.loads((p / "summary.json").read_text()) for p in (whole, killed)]
     assert summaries[1]["tokens"] == summaries[0]["tokens"]  # the whole run, not the last part
     assert summaries[1]["final_loss"] == summaries[0]["final_loss"]
+
+
+def test_ctrl_c_right_after_a_checkpoint_then_resume_loses_no_step(runs, tmp_path):
+    run_dir, args = tmp_path / "run", common_args(runs["model"]) + ["--no-export"]
+    # Step SAVE_EVERY + 1 is logged after the step-SAVE_EVERY checkpoint was handed to orbax.
+    status, out = launch(args + ["--out-dir", str(run_dir)], runs["env"],
+                         kill_at=SAVE_EVERY + 1, signal_name="SIGINT")
+    assert status == 130 and out.strip().splitlines()[-1] == "interrupted", out
+    assert "Traceback" not in out, out
+    status, out = launch(args + ["--out-dir", str(run_dir), "--resume"], runs["env"])
+    assert status == 0, out
+    assert f"resuming {run_dir} at step {SAVE_EVERY}" in out  # the interrupted save committed
+    for name in ("metrics.jsonl", "routing.jsonl"):
+        assert steps_logged(run_dir, name) == list(range(1, STEPS + 1)), name
+    assert_bitwise_equal(final_params(run_dir)[1], final_params(runs["whole"])[1])
 
 
 def test_a_fresh_run_never_appends_to_an_earlier_runs_logs(runs, capsys, tmp_path):
