@@ -12,6 +12,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from molf_jax.data import OPTION_LETTERS
+from molf_jax.eval._med_metrics import count_letters
 
 _LETTER_THEN_MARK = re.compile(r"^([A-D])([\)\n\.])", re.IGNORECASE)
 
@@ -37,14 +38,7 @@ def authors_med_metrics(generations: Sequence[str], records: Sequence[Mapping[st
       >>> authors_med_metrics([' A', ' C x'], [{'cop': 0}, {'cop': 2}])['authors_accuracy']
       {'value': 50.0, 'n': 2}
     """
-    if len(generations) != len(records):
-        raise ValueError(f"{len(generations)} generations for {len(records)} records")
-    correct, invalid = 0, 0
-    for text, record in zip(generations, records):
-        letter = authors_option_letter(text)
-        invalid += letter is None
-        correct += letter is not None and letter == OPTION_LETTERS[int(record["cop"])]
-    n = len(records)
+    correct, invalid, n = count_letters(generations, records, authors_option_letter)
     return {
         "authors_accuracy": {"value": 100.0 * correct / n if n else 0.0, "n": n},
         "authors_invalid_answers": {"value": invalid, "n": n},

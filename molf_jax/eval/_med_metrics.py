@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from molf_jax.data import OPTION_LETTERS
 
@@ -33,15 +33,25 @@ def med_metrics(generations: Sequence[str], records: Sequence[Mapping[str, Any]]
       >>> med_metrics([' A', ' C'], [{'cop': 0}, {'cop': 1}])['accuracy']
       {'value': 0.5, 'n': 2}
     """
-    if len(generations) != len(records):
-        raise ValueError(f"{len(generations)} generations for {len(records)} records")
-    correct, no_letter = 0, 0
-    for text, record in zip(generations, records):
-        letter = first_option_letter(text)
-        no_letter += letter is None
-        correct += letter == OPTION_LETTERS[int(record["cop"])]
-    n = len(records)
+    correct, no_letter, n = count_letters(generations, records, first_option_letter)
     return {
         "accuracy": {"value": correct / n if n else 0.0, "n": n},
         "no_letter": {"value": no_letter, "n": n},
     }
+
+
+def count_letters(generations: Sequence[str], records: Sequence[Mapping[str, Any]],
+                  letter_of: Callable[[str], str | None]) -> tuple[int, int, int]:
+    """``(correct, without a letter, n)`` of the letters ``letter_of`` reads from each
+    generation against each record's 0-based ``cop``.
+
+    Example:
+      >>> count_letters([' A', 'x'], [{'cop': 0}, {'cop': 1}], first_option_letter)
+      (1, 1, 2)
+    """
+    if len(generations) != len(records):
+        raise ValueError(f"{len(generations)} generations for {len(records)} records")
+    letters = [letter_of(text) for text in generations]
+    correct = sum(letter is not None and letter == OPTION_LETTERS[int(record["cop"])]
+                  for letter, record in zip(letters, records))
+    return correct, sum(letter is None for letter in letters), len(records)
