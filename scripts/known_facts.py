@@ -1,19 +1,24 @@
 """Which offline Med facts does the base model already know? Writes known_cases.json.
 
-Asks every candidate of ``molf_jax.data._offline_mcq.candidates()`` in its cloze form with
-greedy decoding, and keeps the facts whose continuation starts with the answer (then a
-non-word character). The offline Med task keeps only those, so it teaches the multiple-choice
-format over knowledge the model has (issue 17's LoRA-favouring task).
+A fact is known when greedy decoding from its cloze prompt writes the answer (then no further
+letter or digit): "2 + 2 =" -> " 4", 'The opposite of "hot" is "' -> 'cold"'. All 2,979
+candidates of ``molf_jax.data._offline_mcq.candidates()`` are checked with one teacher-forced
+forward pass per batch (``molf_jax.eval.teacher_forced_argmax``), which decides exactly what
+greedy decoding would write, without generating token by token. The offline Med task keeps the
+known facts, so it teaches the multiple-choice format over knowledge the model has (issue 17's
+LoRA-favouring task).
 
-  python scripts/known_facts.py                      # the embedded Gemma 3 270M (JAX)
-  python scripts/known_facts.py --torch              # the same through transformers (CPU)
+  python scripts/known_facts.py                      # the embedded Gemma 3 270M, ~all cores
+  python scripts/known_facts.py --cross-check 200    # also generate 200 facts greedily, compare
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
+import time
 
 from molf_jax.data._offline_mcq import KNOWN_FILE, candidates
 
@@ -29,56 +34,77 @@ def answered(continuation: str, answer: str) -> bool:
     return text.startswith(answer) and not re.match(r"\w", text[len(answer):len(answer) + 1])
 
 
-def _generate_fn(args, source, tokenizer):
-    if args.torch:
-        from transformers import AutoModelForCausalLM
+def known_by_forcing(facts, model, params, tokenizer, *, batch_size: int) -> list[bool]:
+    """Whether greedy decoding writes each fact's completion, from one forced pass per batch."""
+    from molf_jax.data import prompt_ids
+    from molf_jax.eval import pad_token_id, teacher_forced_argmax
 
-        from molf_jax.eval.hf_torch import torch_generate_fn
+    completions = [tokenizer(f.completion, add_special_tokens=False)["input_ids"] for f in facts]
+    rows = teacher_forced_argmax(model, params, [prompt_ids(tokenizer, f.cloze) for f in facts],
+                                 completions, pad_id=pad_token_id(tokenizer),
+                                 batch_size=batch_size)
+    return [list(row[:-1]) == list(ids)
+            and answered(f.completion + tokenizer.decode(row[-1:], skip_special_tokens=True),
+                         f.answer)
+            for f, ids, row in zip(facts, completions, rows)]
 
-        model = AutoModelForCausalLM.from_pretrained(source.hf_dir).eval()
-        return torch_generate_fn(model, tokenizer, max_new_tokens=5)
+
+def known_by_generating(facts, model, params, tokenizer, *, batch_size: int) -> list[bool]:
+    """The same question answered by generating 5 tokens greedily (slow; a cross-check)."""
+    from molf_jax.eval import generate_texts, jax_generate_fn
+
+    generate = jax_generate_fn(model, params, tokenizer, max_new_tokens=5)
+    texts = generate_texts([f.cloze for f in facts], tokenizer, generate, batch_size=batch_size)
+    return [answered(t, f.answer) for f, t in zip(facts, texts)]
+
+
+def _model(name: str):
     import jax
 
     from molf_jax import models
-    from molf_jax.eval import jax_generate_fn
     from molf_jax.train import TrainConfig
     from molf_jax.train.mesh import make_mesh
-    from molf_jax.train.setup import build_params
+    from molf_jax.train.setup import build_params, load_tokenizer, resolve_model
 
-    config = TrainConfig(mode="fft", model=args.model, mesh="data=1,fsdp=1,tensor=1")
+    source = resolve_model(name)
+    config = TrainConfig(mode="fft", model=name, mesh="data=1,fsdp=1,tensor=1")
     params, _ = build_params(config, source, make_mesh(config.mesh), rng=jax.random.key(0))
     model = models.build_model(source.config, scan_layers=config.scan_layers)
-    return jax_generate_fn(model, params, tokenizer, max_new_tokens=5)
+    return model, params, load_tokenizer(source)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=str(KNOWN_FILE))
-    p.add_argument("--torch", action="store_true",
-                   help="generate with transformers (torch) instead of the JAX model")
+    p.add_argument("--cross-check", type=int, default=0, metavar="N",
+                   help="also generate N random facts greedily and count disagreements")
     args = p.parse_args(argv)
 
-    from molf_jax.eval import generate_texts
-    from molf_jax.train.setup import load_tokenizer, resolve_model
-
-    source = resolve_model(args.model)
-    tokenizer = load_tokenizer(source)
+    model, params, tokenizer = _model(args.model)
     facts = candidates()
-    texts = generate_texts([f.cloze for f in facts], tokenizer, _generate_fn(args, source,
-                                                                             tokenizer),
-                           batch_size=args.batch_size)
-    known = [f.cloze for f, t in zip(facts, texts) if answered(t, f.answer)]
+    start = time.perf_counter()
+    known = known_by_forcing(facts, model, params, tokenizer, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
     by_family: dict[str, list[int]] = {}
-    for f, t in zip(facts, texts):
-        by_family.setdefault(f.family, [0, 0])[answered(t, f.answer)] += 1
+    for f, ok in zip(facts, known):
+        by_family.setdefault(f.family, [0, 0])[ok] += 1
     summary = {fam: f"{ok} of {ok + bad}" for fam, (bad, ok) in by_family.items()}
     with open(args.out, "w") as out:
         json.dump({"model": args.model if args.model != "default" else "gemma3-270m (embedded)",
                    "command": "python scripts/known_facts.py", "known_per_family": summary,
-                   "known": known}, out, indent=0)
-    print(f"{len(known)} of {len(facts)} known: {summary}; wrote {args.out}")
+                   "known": [f.cloze for f, ok in zip(facts, known) if ok]}, out, indent=0)
+    print(f"{sum(known)} of {len(facts)} known ({seconds:.0f} s for the forced check): "
+          f"{summary}; wrote {args.out}")
+    if args.cross_check:
+        sample = sorted(random.Random(0).sample(range(len(facts)), args.cross_check))
+        start = time.perf_counter()
+        generated = known_by_generating([facts[i] for i in sample], model, params, tokenizer,
+                                        batch_size=args.batch_size)
+        differ = [facts[i].cloze for i, g in zip(sample, generated) if g != known[i]]
+        print(f"cross-check: greedy generation of {len(sample)} facts "
+              f"({time.perf_counter() - start:.0f} s) disagrees on {len(differ)}: {differ}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ paper expects LoRA's low-rank update to suffice and full fine-tuning to forget m
 Candidates come from a few families of common knowledge (sums, differences and products of small
 numbers, capitals, opposites), each with a cloze prompt, an answer and three plausible
 distractors. ``known_cases.json`` beside this file lists the cloze prompts that Gemma 3 270M (the
-project's embedded model) completes correctly with greedy decoding; it is written by
-``python scripts/known_facts.py`` with that model. ``generate(known_only=True)`` (the default)
-keeps only those, so what the evaluation measures is the format, on knowledge that is there.
+project's embedded model) completes correctly with greedy decoding (the answer, then no further
+letter or digit); it is written by ``python scripts/known_facts.py`` with that model.
+``generate(known_only=True)`` (the default) keeps only those, so what the evaluation measures
+is the format, on knowledge that is there.
 
 Records follow the MedMCQA columns (``id``, ``question``, ``opa``..``opd``, ``cop`` 0-based,
 ``choice_type``, ``exp``, ``subject_name`` = family, ``topic_name`` = family), plus
@@ -73,6 +74,12 @@ class Candidate:
     answer: str
     question: str
     distractors: tuple[str, ...]
+
+    @property
+    def completion(self) -> str:
+        """What a model that knows the fact writes right after the cloze: the answer, after a
+        space unless the cloze ends by opening a quote (``'... is "'`` + ``'cold'``)."""
+        return self.answer if self.cloze.endswith('"') else " " + self.answer
 
 
 def _number_distractors(rng: random.Random, answer: int) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from molf_jax.eval._runner import (
     pad_token_id,
     prompt_batches,
 )
+from molf_jax.eval._teacher_forced import teacher_forced_argmax
 
 # Metrics.
 from molf_jax.eval._sql_metrics import (
@@ -95,4 +96,5 @@ __all__ = [
     "sql_exact_match",
     "sql_metrics",
     "target_tokens",
+    "teacher_forced_argmax",
 ]
