@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "DEFAULT_TARGETS",
     "LoraExpert",
     "LoraSpec",
     "add_lora_experts",
+    "default_targets",
+    "expert_index",
+    "expert_key",
     "lora_mask",
     "lora_paths",
     "merge_lora",
@@ -38,10 +40,25 @@ __all__ = [
     "targets_match",
 ]
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Never adapted, whatever the targets say: the output head and the embedding table.
 _NEVER_TARGETED = ("lm_head", "embed_tokens")
 _LORA_KEY = re.compile(r"^lora_(\d+)$")
+
+
+def expert_key(index: int) -> str:
+    """The key of LoRA expert ``index`` (from 1) beside a kernel: ``expert_key(2) == "lora_2"``."""
+    return f"lora_{index}"
+
+
+def expert_index(key: Any) -> int | None:
+    """The expert number of a ``lora_<i>`` key, or None for any other key.
+
+    Example:
+      >>> expert_index("lora_2"), expert_index("kernel")
+      (2, None)
+    """
+    match = _LORA_KEY.match(str(key))
+    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +89,8 @@ class LoraSpec:
 
     Attributes:
       experts: the experts every target receives, numbered ``lora_1``, ``lora_2``, ... in order.
-      targets: each entry is either a module name (``"q_proj"`` matches any module with that last
+      targets: `default_targets()` when None (the model's projections); else each entry is
+        either a module name (``"q_proj"`` matches any module with that last
         path component) or a regular expression matched in full against the module path as it
         reads in the parameter tree (``"layers/[0-3]/self_attn/.*_proj"``; with scanned layers the
         path has no layer index, e.g. ``"layers/mlp/up_proj"``). ``lm_head`` and
@@ -93,14 +111,15 @@ class LoraSpec:
     """
 
     experts: tuple[LoraExpert, ...] = (LoraExpert(128, 256),)
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None
     rslora: bool = True
     dropout: float = 0.05
     merged: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "experts", tuple(self.experts))
-        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "targets", default_targets() if self.targets is None
+                           else tuple(self.targets))
         if not self.experts:
             raise ValueError("LoraSpec.experts is empty; give at least one LoraExpert")
         if isinstance(self.targets, str) or not self.targets:
@@ -123,6 +142,20 @@ class LoraSpec:
     def matches(self, module_path: str) -> bool:
         """Whether the linear at ``module_path`` (``"layers/3/mlp/up_proj"``) gets experts."""
         return targets_match(self.targets, module_path)
+
+
+def default_targets() -> tuple[str, ...]:
+    """The LoRA targets by default: every projection of the decoder block
+    (``molf_jax.models.PROJECTIONS``, the model's own names for them).
+
+    Example:
+      >>> default_targets()[:2]
+      ('q_proj', 'k_proj')
+    """
+    # Imported here: the models build on this module.
+    from molf_jax.models.layers import PROJECTIONS
+
+    return PROJECTIONS
 
 
 def targets_match(targets: tuple[str, ...], module_path: str) -> bool:
@@ -154,9 +187,6 @@ def _is_linear(node: Any) -> bool:
             and not isinstance(node["kernel"], Mapping))
 
 
-def _expert_index(key: str) -> int | None:
-    match = _LORA_KEY.match(key)
-    return int(match.group(1)) if match else None
 
 
 def map_linears(params: Mapping, fn, path: tuple[str, ...] = ()) -> dict:
@@ -200,7 +230,7 @@ def add_lora_experts(params: Mapping, spec: LoraSpec, rng: jax.Array) -> dict:
     def add(path: str, linear: Mapping) -> dict:
         if not spec.matches(path):
             return dict(linear)
-        existing = [k for k in linear if _expert_index(str(k)) is not None]
+        existing = [k for k in linear if expert_index(str(k)) is not None]
         if existing:
             raise ValueError(f"{path} already has LoRA leaves {sorted(existing)}; "
                              "strip_lora or merge_lora first")
@@ -209,7 +239,7 @@ def add_lora_experts(params: Mapping, spec: LoraSpec, rng: jax.Array) -> dict:
         out = dict(linear)
         for i, expert in enumerate(spec.experts, start=1):
             key = jax.random.fold_in(rng, next(counter))
-            out[f"lora_{i}"] = {
+            out[expert_key(i)] = {
                 "a": lora_a_init(key, (*lead, fan_in, expert.rank), jnp.dtype(kernel.dtype)),
                 "b": jnp.zeros((*lead, expert.rank, fan_out), kernel.dtype),
             }
@@ -241,7 +271,7 @@ def merge_lora(params: Mapping, spec: LoraSpec) -> dict:
         delta = jnp.zeros(kernel.shape, jnp.float32)
         out = {}
         for key, value in linear.items():
-            index = _expert_index(str(key))
+            index = expert_index(str(key))
             if index is None:
                 out[key] = value
                 continue
@@ -265,7 +295,7 @@ def strip_lora(params: Mapping) -> dict:
       {'q_proj': {'kernel': 1}}
     """
     def strip(_, linear: Mapping) -> dict:
-        return {k: v for k, v in linear.items() if _expert_index(str(k)) is None}
+        return {k: v for k, v in linear.items() if expert_index(str(k)) is None}
 
     return map_linears(params, strip)
 
@@ -281,7 +311,7 @@ def lora_paths(params: Mapping) -> tuple[str, ...]:
 
     def collect(path: str, linear: Mapping) -> Mapping:
         for key, value in linear.items():
-            if _expert_index(str(key)) is not None:
+            if expert_index(str(key)) is not None:
                 paths.extend(f"{path}/{key}/{leaf}" for leaf in value)
         return linear
 
@@ -297,5 +327,5 @@ def lora_mask(params: Mapping) -> Any:
       {'q_proj': {'kernel': False, 'lora_1': {'a': True, 'b': True}}}
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(_expert_index(str(getattr(k, "key", ""))) is not None for k in path),
+        lambda path, _: any(expert_index(str(getattr(k, "key", ""))) is not None for k in path),
         params)

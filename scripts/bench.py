@@ -31,7 +31,6 @@ import optax
 from molf_jax import models
 from molf_jax.train import TrainConfig, build_optimizer, is_trainable, split_tree
 from molf_jax.train.config import ATTENTION, DTYPES, MODES, REMAT, ROUTED_MODES
-from molf_jax.train.loss import next_token_loss_sum
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
 from molf_jax.train.modes import lora_spec
 from molf_jax.train.platform import PLATFORM_DEFAULTS, with_platform_defaults
@@ -220,11 +219,8 @@ def float32_loss(bench: Bench, params, batch) -> float:
     @jax.jit
     def loss(params, ids, mask, loss_mask):
         params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-        hidden = model.apply({"params": params}, ids, mask, return_hidden=True)
-        total, count = next_token_loss_sum(
-            hidden, models.output_kernel(params, bench.model_config), ids, loss_mask,
-            chunk=config.loss_chunk,
-            softcap=getattr(bench.model_config, "final_logit_softcapping", None))
+        total, count = models.next_token_loss(model, params, ids, mask, loss_mask,
+                                              chunk=config.loss_chunk)
         return total / count
 
     return float(loss(params, batch["input_ids"][0], batch["attention_mask"][0],

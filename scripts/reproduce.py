@@ -457,7 +457,6 @@ _COMPARISONS = (("fft_minus_lora", "FFT - LoRA"), ("molf_minus_best", "MoLF - ma
                 ("molfe_minus_lora", "MoLF-E - LoRA"), ("molfe_minus_adalora", "MoLF-E - AdaLoRA"))
 _CLAIMS = (("molf_within_1_5_of_best", "MoLF within 1.5 points of max(FFT, LoRA)"),
            ("molfe_beats_lora", "MoLF-E beats LoRA"), ("molfe_beats_adalora", "MoLF-E beats AdaLoRA"))
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _ci(c: dict | None) -> str:
@@ -466,6 +465,8 @@ def _ci(c: dict | None) -> str:
 
 def render(results: dict) -> str:
     """The README's tables (markdown) from a results.json dict."""
+    from molf_jax.models import PROJECTIONS
+
     tasks = results["tasks"]
     methods = [m for m in (*METHODS, "adalora") if any(m in t["methods"] for t in tasks.values())]
     lines = ["| task (metric, test n x seeds) | base model | " +
@@ -495,14 +496,14 @@ def render(results: dict) -> str:
                       "% of module-steps, overall and per projection type; and the test metric.",
                   "",
                   "| task | variant | LoRA/FFT rate | top-k | score | test | expert | share | " +
-                  " | ".join(p.replace("_proj", "") for p in _PROJECTIONS) + " |",
-                  "|---|---|---|---|---|---|---|---|" + "---|" * len(_PROJECTIONS)]
+                  " | ".join(p.replace("_proj", "") for p in PROJECTIONS) + " |",
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(PROJECTIONS)]
         for s in study:
             shares = s["share_by_projection"]
             lines.append(f"| {s['task']} | {s['variant']} | {s['lr_ratio']} | {s['top_k']} | "
                          f"{s['score']} | {s['test']:.1f} | {s['expert']} | {s['share']:.1f} | " +
                          " | ".join(f"{shares[p]:.0f}" if p in shares else "-"
-                                    for p in _PROJECTIONS) + " |")
+                                    for p in PROJECTIONS) + " |")
     lines += ["", f"{results['runs']} runs, {results['device']}; " +
               f"{results['gpu_seconds']:.0f} s of device wall time in all."
               if results.get("gpu_seconds") is not None else f"{results['runs']} runs."]

@@ -24,7 +24,7 @@ from molf_jax import models
 from molf_jax.adalora import (AdaLoraSchedule, AdaLoraSpec, adalora_allocate, add_adalora,
                               find_allocator_state, is_adalora_path, orth_regularizer)
 from molf_jax.checkpoints import load_hf
-from molf_jax.lora import DEFAULT_TARGETS
+from molf_jax.models import PROJECTIONS
 from molf_jax.train import make_train_step
 from molf_jax.train.trees import split_tree
 
@@ -50,7 +50,7 @@ def peft_run(folder):
     config = peft.AdaLoraConfig(
         init_r=INIT_R, target_r=TARGET_R, tinit=TINIT, tfinal=TFINAL, deltaT=DELTA_T,
         beta1=0.85, beta2=0.85, orth_reg_weight=ORTH, lora_alpha=ALPHA, lora_dropout=0.0,
-        total_step=STEPS, target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
+        total_step=STEPS, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, config)
     initial = factors(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,

@@ -1,4 +1,5 @@
-"""The chunked next-token loss against a plain NumPy float64 cross-entropy.
+"""The chunked next-token loss against a plain NumPy float64 cross-entropy, and the model's own
+loss (head, tied embeddings, soft-cap) against cross-entropy on its logits.
 
 Batches carry right and left padding and a loss mask narrower than the attention mask; chunk
 sizes from one token to more than the whole batch, most of them not dividing the number of
@@ -8,9 +9,12 @@ predicted positions, so the scan runs over several chunks and a padded last one.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from tiny_hf import gemma3_config, padded_batch, qwen2_config
 
-from molf_jax.train.loss import next_token_loss_sum
+from molf_jax import models
+from molf_jax.models import next_token_loss_sum
 
 B, T, D, V = 3, 11, 8, 13  # B * (T - 1) = 30 predicted positions
 
@@ -95,3 +99,25 @@ def test_loss_and_gradients_equal_numpy_cross_entropy_for_any_chunk(dtype, softc
             np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol["grad"],
                                        atol=tol["grad"] * np.abs(want).max(),
                                        err_msg=f"{name} gradient, chunk {chunk}")
+
+
+@pytest.mark.parametrize("family", ["qwen2-untied", "gemma3-tied-softcap"])
+def test_next_token_loss_is_the_cross_entropy_of_the_models_logits(family):
+    if family.startswith("qwen2"):
+        config = models.Qwen2Config.from_hf(qwen2_config().to_dict())
+    else:
+        config = models.Gemma3Config.from_hf(gemma3_config(final_logit_softcapping=3.0).to_dict())
+        assert config.tie_word_embeddings and config.final_logit_softcapping == 3.0
+    model = models.build_model(config)
+    params = models.init_params(model, jax.random.key(0))
+    ids, mask = (x.astype(np.int32) for x in padded_batch())
+    loss_mask = mask.copy()
+    loss_mask[:, :4] = 0  # a prompt: its tokens are not targets
+
+    total, count = models.next_token_loss(model, params, ids, mask, loss_mask, chunk=5)
+
+    logits = model.apply({"params": params}, ids, mask)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+    weights = loss_mask[:, 1:]
+    assert float(count) == weights.sum()
+    np.testing.assert_allclose(float(total), float((per_token * weights).sum()), rtol=1e-5)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molf_jax.lora import DEFAULT_TARGETS, map_linears as _map_linears, targets_match
+from molf_jax.lora import default_targets, map_linears as _map_linears, targets_match
 
 __all__ = ["ADALORA_KEY", "AdaLoraSpec", "add_adalora", "adalora_triplets", "delta_kernel",
            "is_adalora_path",
@@ -57,11 +57,12 @@ class AdaLoraSpec:
 
     init_r: int = 12
     alpha: float = 8.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None
     dropout: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "targets", default_targets() if self.targets is None
+                           else tuple(self.targets))
         if not isinstance(self.init_r, int) or self.init_r <= 0:
             raise ValueError(f"AdaLoraSpec.init_r must be a positive int, got {self.init_r!r}")
         if self.alpha < 0:

@@ -51,6 +51,7 @@ from molf_jax.data._encode import (
     encode_examples,
     encode_records,
     eval_prompt_ids,
+    pad_token_id,
     prompt_ids,
     target_ids,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "med_example",
     "med_prompt",
     "pad_right",
+    "pad_token_id",
     "prompt_ids",
     "read_source",
     "resolve_protocol",

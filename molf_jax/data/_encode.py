@@ -56,6 +56,21 @@ class EncodeStats:
     dropped: int
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its EOS id when it has no pad token (Qwen base models).
+
+    Example:
+      >>> from molf_jax.data import byte_level_tokenizer
+      >>> pad_token_id(byte_level_tokenizer()) == byte_level_tokenizer().pad_token_id
+      True
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return int(tokenizer.eos_token_id)
+
+
 def _bos(tokenizer, add_bos: bool | None) -> list[int]:
     if add_bos is False or tokenizer.bos_token_id is None:
         if add_bos:

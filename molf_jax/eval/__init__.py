@@ -15,10 +15,10 @@ from molf_jax.eval._runner import (
     jax_generate_fn,
     jax_next_token_logits_fn,
     left_pad,
-    pad_token_id,
     prompt_batches,
 )
 from molf_jax.eval._teacher_forced import teacher_forced_argmax
+from molf_jax.data import pad_token_id
 
 # Metrics.
 from molf_jax.eval._sql_metrics import (

@@ -27,6 +27,7 @@ from molf_jax.data import (
     TASKS,
     eval_prompt,
     eval_prompt_ids,
+    pad_token_id,
     prompt_ids,
 )
 from molf_jax.eval._authors_fact import (
@@ -46,15 +47,6 @@ LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 # Our generation budgets; the authors' protocol uses theirs (PROTOCOL_SETTINGS).
 DEFAULT_MAX_NEW_TOKENS = dict(PROTOCOL_SETTINGS[MOLF_JAX].max_new_tokens)
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, or its EOS id when it has no pad token (Qwen base models)."""
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token")
-    return int(tokenizer.eos_token_id)
 
 
 def left_pad(
@@ -173,7 +165,7 @@ def jax_next_token_logits_fn(model, params) -> LogitsFn:
     import jax
     import jax.numpy as jnp
 
-    from molf_jax.models import output_kernel
+    from molf_jax.models import output_kernel, soft_cap
 
     @jax.jit
     def last_logits(params, input_ids, attention_mask):
@@ -182,8 +174,7 @@ def jax_next_token_logits_fn(model, params) -> LogitsFn:
         )
         kernel = output_kernel(params, model.config).astype(jnp.float32)
         logits = hidden[:, -1, :].astype(jnp.float32) @ kernel
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        return cap * jnp.tanh(logits / cap) if cap else logits
+        return soft_cap(logits, model.config.final_logit_softcapping)
 
     return lambda ids, mask: np.asarray(last_logits(params, ids, mask))
 

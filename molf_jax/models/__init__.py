@@ -22,7 +22,9 @@ from molf_jax.models.registry import (
     preset,
 )
 
-# Configs and the model
+# Configs, the model and its loss
+from molf_jax.models.loss import next_token_loss, next_token_loss_sum
+from molf_jax.models.layers import PROJECTIONS, soft_cap
 from molf_jax.models.transformer import CausalLM, DecoderConfig, init_cache
 from molf_jax.models.qwen2 import Qwen2Config
 from molf_jax.models.gemma3 import Gemma3Config
@@ -33,6 +35,7 @@ __all__ = [
     "DecoderConfig",
     "Family",
     "Gemma3Config",
+    "PROJECTIONS",
     "Qwen2Config",
     "abstract_params",
     "build_model",
@@ -40,6 +43,9 @@ __all__ = [
     "init_cache",
     "init_params",
     "load_config",
+    "next_token_loss",
+    "next_token_loss_sum",
     "output_kernel",
     "preset",
+    "soft_cap",
 ]

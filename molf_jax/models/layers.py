@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molf_jax.adalora import ADALORA_KEY, AdaLoraSpec
-from molf_jax.lora import LoraSpec, lora_a_init
+from molf_jax.lora import LoraSpec, expert_key, lora_a_init
 from molf_jax.models.merged_lora import merged_lora_linear
 
 __all__ = [
@@ -32,6 +32,25 @@ __all__ = [
 ]
 
 Dtype = Any
+
+# The projections of the shared decoder block, named as in HF checkpoints; the LoRA targets by
+# default (DESIGN.md section 1) and the rows of the routing figures, in this order.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """Final logit soft-capping, ``cap * tanh(logits / cap)`` (Gemma 2/3); unchanged without
+    a cap.
+
+    Example:
+      >>> float(soft_cap(jnp.asarray(100.0), 30.0)) < 30.0
+      True
+    """
+    return cap * jnp.tanh(logits / cap) if cap else logits
+
+
 # HF initialises linear and embedding weights with N(0, initializer_range=0.02).
 default_init = nn.initializers.normal(0.02)
 
@@ -147,7 +166,8 @@ class LoraLinear(nn.Module):
         if isinstance(self.lora, AdaLoraSpec):
             return self._adalora(x, kernel, bias, fan_in)
         pairs = [_LoraPair(fan_in, expert.rank, self.features, self.param_dtype,
-                           name=f"lora_{i}")() for i, expert in enumerate(self.lora.experts, 1)]
+                           name=expert_key(i))()
+                 for i, expert in enumerate(self.lora.experts, 1)]
         a = tuple(a_i.astype(self.dtype) for a_i, _ in pairs)
         b = tuple(b_i.astype(self.dtype) for _, b_i in pairs)
         dropout = self.lora.dropout > 0.0 and not self.deterministic
@@ -231,9 +251,10 @@ class GatedMLP(nn.Module):
             return LoraLinear(features, False, self.lora, self.deterministic, self.dtype,
                               self.param_dtype, self.rematerialised, name=name)
 
-        gate = linear(self.intermediate_size, "gate_proj")(x)
-        up = linear(self.intermediate_size, "up_proj")(x)
-        return linear(self.hidden_size, "down_proj")(_ACTIVATIONS[self.activation](gate) * up)
+        gate_name, up_name, down_name = MLP_PROJECTIONS
+        gate = linear(self.intermediate_size, gate_name)(x)
+        up = linear(self.intermediate_size, up_name)(x)
+        return linear(self.hidden_size, down_name)(_ACTIVATIONS[self.activation](gate) * up)
 
 
 _ACTIVATIONS = {
@@ -285,9 +306,10 @@ class Attention(nn.Module):
             return LoraLinear(features, bias, self.lora, self.deterministic, self.dtype,
                               self.param_dtype, self.rematerialised, name=name)
 
-        q = linear(self.num_heads * self.head_dim, self.qkv_bias, "q_proj")(x)
-        k = linear(self.num_kv_heads * self.head_dim, self.qkv_bias, "k_proj")(x)
-        v = linear(self.num_kv_heads * self.head_dim, self.qkv_bias, "v_proj")(x)
+        q_name, k_name, v_name, o_name = ATTENTION_PROJECTIONS
+        q = linear(self.num_heads * self.head_dim, self.qkv_bias, q_name)(x)
+        k = linear(self.num_kv_heads * self.head_dim, self.qkv_bias, k_name)(x)
+        v = linear(self.num_kv_heads * self.head_dim, self.qkv_bias, v_name)(x)
         q = q.reshape(batch, length, self.num_heads, self.head_dim)
         k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
         v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -314,7 +336,7 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale,
                                                implementation="xla")
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
-        return linear(self.hidden_size, self.out_bias, "o_proj")(out), cache
+        return linear(self.hidden_size, self.out_bias, o_name)(out), cache
 
     def _cudnn(self, q, k, v, seq_lengths, local):
         def run(window):

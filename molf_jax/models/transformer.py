@@ -22,6 +22,7 @@ from molf_jax.models.layers import (
     default_init,
     rope_cos_sin,
     rope_inv_freq,
+    soft_cap,
 )
 
 __all__ = ["CausalLM", "DecoderConfig", "REMAT_POLICIES", "init_cache"]
@@ -251,9 +252,7 @@ class CausalLM(nn.Module):
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=default_init,
                               name="lm_head")(x)
-        if c.final_logit_softcapping:
-            cap = c.final_logit_softcapping
-            logits = cap * jnp.tanh(logits / cap)
+        logits = soft_cap(logits, c.final_logit_softcapping)
         return logits if cache is None else (logits, cache)
 
     def _context(self, positions, q_index, valid, cache_index, has_cache) -> dict:

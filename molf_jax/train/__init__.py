@@ -13,7 +13,6 @@ from molf_jax.train.checkpoint import ResumeError, RunCheckpointer
 
 # Building blocks for custom loops.
 from molf_jax.train.step import find_route_state, make_train_step
-from molf_jax.train.loss import next_token_loss_sum
 from molf_jax.train.modes import build_optimizer, is_trainable, lora_spec, make_schedule
 from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding, shard_params
 from molf_jax.train.trees import count_params, join_trees, split_tree
@@ -39,7 +38,6 @@ __all__ = [
     "make_mesh",
     "make_schedule",
     "make_train_step",
-    "next_token_loss_sum",
     "param_sharding",
     "shard_params",
     "split_tree",

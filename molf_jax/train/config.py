@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from molf_jax.data import PROTOCOL_SETTINGS, PROTOCOLS, TASKS, resolve_protocol
+from molf_jax.models import PROJECTIONS
 from molf_jax.options import choices_of, option
 from molf_jax.routing import resolve_score
 
@@ -104,8 +105,7 @@ class TrainConfig:
     rslora: bool = option(True, "scale by alpha/r instead of alpha/sqrt(r)",
                           flag="--no-rslora")
     lora_targets: tuple[str, ...] = option(
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        "module names or regular expressions over module paths")
+        PROJECTIONS, "module names or regular expressions over module paths")
 
     fft_lr: float = option(5e-5, "peak learning rate of the FFT expert and non-routed leaves",
                            group="optimizer and routing")

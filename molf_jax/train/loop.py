@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fixed_lengths,
-                           load_task)
+                           load_task, pad_token_id)
 from molf_jax.paths import writable_folder
 from molf_jax.run_dir import RunDir
 from molf_jax.routing import label_lora_experts, routing_table
@@ -148,11 +148,10 @@ def train(config: TrainConfig) -> RunSummary:
     source = resolve_model(config.model)
     tokenizer = load_tokenizer(source)
     encoded, eval_records = prepare_data(config, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # A few fixed batch lengths (the cap and its halvings; the longest example's without a
     # cap): the step compiles at most four times, whatever the data.
     iterator = BatchIterator(
-        encoded, batch_size=config.batch_size, pad_id=pad_id, seed=config.seed,
+        encoded, batch_size=config.batch_size, pad_id=pad_token_id(tokenizer), seed=config.seed,
         max_length=config.length_cap,
         bucket_batches=PROTOCOL_SETTINGS[config.data_protocol].bucket_batches,
         lengths=fixed_lengths(config.length_cap or max(len(e) for e in encoded)))

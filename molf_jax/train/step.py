@@ -4,7 +4,8 @@
   ``value_and_grad`` sees the trainable part alone, so frozen kernels get no gradient buffers.
 * Gradient accumulation: ``batch`` arrays are ``[micro, rows, length]``; a ``lax.scan`` sums
   micro-batch gradients and the optimizer (and its schedule) advances once per call.
-* The loss is the mean over all target tokens of the accumulated batch (`next_token_loss_sum`).
+* The loss is the mean over all target tokens of the accumulated batch; the model computes it
+  (`molf_jax.models.next_token_loss`).
 * A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
   reported in ``metrics['skipped']``.
 """
@@ -19,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from molf_jax.models import output_kernel
+from molf_jax.models import next_token_loss
 from molf_jax.routing import MolfGateState, MolfRouteState
-from molf_jax.train.loss import next_token_loss_sum
 from molf_jax.train.mesh import constrain_rows, mesh_of, tracing_mesh
 from molf_jax.train.trees import join_trees, split_tree
 
@@ -69,21 +69,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
       >>> step = jax.jit(make_train_step(model, tx, trainable=lambda p: True),
       ...                donate_argnums=(0, 1))                    # doctest: +SKIP
     """
-    config = model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-
     def micro_loss(train_params, frozen_params, ids, mask, loss_mask, key):
-        params = join_trees(train_params, frozen_params)
-        hidden = model.apply({"params": params}, ids, mask, deterministic=not dropout,
-                             return_hidden=True, rngs={"dropout": key} if dropout else None)
-        # Rows stay split over the devices (FSDP: gather weights, not activations). Without it
-        # XLA took the embedding lookup's replicated output through the layers and split the
-        # matmuls over the model width, moving [B, T, D] activations of the whole global batch
-        # several times per layer (Qwen2.5-3B, 4 devices, batch 32: 27 GiB per step). Needs
-        # the mesh `jit_train_step` names while tracing; the identity without one.
-        hidden = constrain_rows(hidden)
-        return next_token_loss_sum(hidden, output_kernel(params, config), ids, loss_mask,
-                                   chunk=loss_chunk, softcap=softcap)
+        # Rows of the hidden states stay split over the devices (FSDP: gather weights, not
+        # activations). Without it XLA took the embedding lookup's replicated output through
+        # the layers and split the matmuls over the model width, moving [B, T, D] activations
+        # of the whole global batch several times per layer (Qwen2.5-3B, 4 devices, batch 32:
+        # 27 GiB per step). Needs the mesh `jit_train_step` names while tracing; the identity
+        # without one.
+        return next_token_loss(model, join_trees(train_params, frozen_params), ids, mask,
+                               loss_mask, chunk=loss_chunk, dropout_key=key if dropout else None,
+                               constrain_hidden=constrain_rows)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 

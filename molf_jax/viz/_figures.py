@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from molf_jax.models import PROJECTIONS
 from molf_jax.viz._runlog import RoutingLog, RunRecord, layer_of, projection_of
 
 __all__ = ["DPI", "fraction_figure", "heatmap_figure", "loss_figure", "projection_types",
@@ -25,7 +26,6 @@ DPI = 100
 FRACTION_SIZE = (11.0, 5.0)  # inches per panel row; 1100 x 500 px for one panel
 LOSS_SIZE = (10.0, 5.0)
 HEATMAP_PANEL = (3.2, 2.6)  # inches per heatmap panel
-_PROJECTION_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # One colour per projection type (tab10 minus grey), and a qualitative map for experts.
 _LINE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
                  "tab:pink", "tab:olive", "tab:cyan")
@@ -37,7 +37,7 @@ _SMOOTH_POINTS = 100
 def projection_types(modules: tuple[str, ...]) -> list[str]:
     """The projection types present, in q, k, v, o, gate, up, down order (others after)."""
     present = {projection_of(m) for m in modules}
-    known = [p for p in _PROJECTION_ORDER if p in present]
+    known = [p for p in PROJECTIONS if p in present]
     return known + sorted(present - set(known))
 
 

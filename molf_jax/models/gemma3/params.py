@@ -6,8 +6,10 @@ Multimodal checkpoints name the text tower ``model.language_model.*`` (5.x) or
 ``language_model.model.*`` (4.x); the loader maps those prefixes onto ``model.*``.
 """
 
-_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from molf_jax.models.layers import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+
+_LINEARS = (*(f"self_attn.{p}" for p in ATTENTION_PROJECTIONS),
+            *(f"mlp.{p}" for p in MLP_PROJECTIONS))
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
           "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")
 
@@ -16,7 +18,7 @@ PARAM_TABLE = (
     *((f"model.layers.{{i}}.{m}.weight", f"layers/{{i}}/{m.replace('.', '/')}/kernel", True)
       for m in _LINEARS),
     *((f"model.layers.{{i}}.self_attn.{p}.bias", f"layers/{{i}}/self_attn/{p}/bias", False)
-      for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+      for p in ATTENTION_PROJECTIONS),
     *((f"model.layers.{{i}}.{n}.weight", f"layers/{{i}}/{n.replace('.', '/')}/scale", False)
       for n in _NORMS),
     ("model.norm.weight", "norm/scale", False),

@@ -6,8 +6,10 @@ Each row: (HF name, Flax path, transpose). ``{i}`` is the layer index; with scan
 Rows whose Flax path the model lacks (``lm_head`` when embeddings are tied) are skipped.
 """
 
-_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from molf_jax.models.layers import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+
+_LINEARS = (*(f"self_attn.{p}" for p in ATTENTION_PROJECTIONS),
+            *(f"mlp.{p}" for p in MLP_PROJECTIONS))
 _NORMS = ("input_layernorm", "post_attention_layernorm")
 
 PARAM_TABLE = (
@@ -15,7 +17,7 @@ PARAM_TABLE = (
     *((f"model.layers.{{i}}.{m}.weight", f"layers/{{i}}/{m.replace('.', '/')}/kernel", True)
       for m in _LINEARS),
     *((f"model.layers.{{i}}.self_attn.{p}.bias", f"layers/{{i}}/self_attn/{p}/bias", False)
-      for p in ("q_proj", "k_proj", "v_proj")),
+      for p in ATTENTION_PROJECTIONS[:3]),
     *((f"model.layers.{{i}}.{n}.weight", f"layers/{{i}}/{n}/scale", False) for n in _NORMS),
     ("model.norm.weight", "norm/scale", False),
     ("lm_head.weight", "lm_head/kernel", True),

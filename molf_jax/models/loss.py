@@ -1,4 +1,9 @@
-"""Next-token cross-entropy on target tokens, without materialising [B, T, V] float32 logits.
+"""A model's training loss: next-token cross-entropy on target tokens, through its own head.
+
+`next_token_loss` runs the decoder, applies the model's output head (``lm_head`` or the tied
+embedding, and Gemma's final logit soft-cap) and sums the loss, so a training step never asks
+how a family ends. `next_token_loss_sum` is the chunked head + loss on given hidden states.
+
 
 The final hidden states are multiplied by the output kernel one chunk of tokens at a time inside
 a rematerialised ``lax.scan``: the forward pass keeps only per-token log-sum-exp and target
@@ -8,10 +13,47 @@ is the difference between ~1 GiB per 1k tokens and a few MiB.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["next_token_loss_sum"]
+from molf_jax.models.layers import soft_cap
+from molf_jax.models.registry import output_kernel
+
+__all__ = ["next_token_loss", "next_token_loss_sum"]
+
+
+def next_token_loss(model, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                    loss_mask: jax.Array, *, chunk: int = 1024,
+                    dropout_key: jax.Array | None = None,
+                    constrain_hidden: Callable[[jax.Array], jax.Array] = lambda h: h,
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Sum of target-token losses of a `CausalLM` and the number of target tokens.
+
+    Args:
+      model: a `molf_jax.models.CausalLM`; params: its parameters.
+      input_ids, attention_mask, loss_mask: [B, T] int arrays (the mask marks target tokens).
+      chunk: tokens per logits chunk (bounds the logits' memory).
+      dropout_key: runs the model in training mode (LoRA dropout) with this key; None:
+        deterministic.
+      constrain_hidden: applied to the final hidden states before the head (a training step
+        pins their sharding here).
+
+    Returns:
+      (loss_sum float32 scalar, target_count float32 scalar).
+
+    Example:
+      >>> total, count = next_token_loss(model, params, ids, mask, mask)   # doctest: +SKIP
+      >>> mean_loss = total / count
+    """
+    hidden = model.apply({"params": params}, input_ids, attention_mask,
+                         deterministic=dropout_key is None, return_hidden=True,
+                         rngs=None if dropout_key is None else {"dropout": dropout_key})
+    return next_token_loss_sum(constrain_hidden(hidden), output_kernel(params, model.config),
+                               input_ids, loss_mask, chunk=chunk,
+                               softcap=model.config.final_logit_softcapping)
 
 
 def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: jax.Array,
@@ -55,8 +97,7 @@ def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: 
     def chunk_loss(h_c, y_c, w_c):
         logits = jnp.dot(h_c, output_kernel.astype(h_c.dtype),
                          preferred_element_type=jnp.float32)
-        if softcap:
-            logits = softcap * jnp.tanh(logits / softcap)
+        logits = soft_cap(logits, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
         return jnp.sum((lse - target) * w_c)
