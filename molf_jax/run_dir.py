@@ -30,13 +30,16 @@ class RunDir:
       metrics: ``metrics.jsonl``, one object per logging interval.
       routing_table: ``routing_modules.json``, module rows, expert columns, valid cells.
       routing: ``routing.jsonl``, per logged step each module's winners and scores.
+      rank_table: ``rank_modules.json``, adalora: module names and the initial rank.
+      ranks: ``ranks.jsonl``, adalora: per logged step each module's kept rank and the budget.
       tensorboard: ``tensorboard/``, event files when ``--tensorboard`` is on.
       checkpoints: ``checkpoints/``, orbax steps of the trainable leaves and optimizer state.
       damaged_checkpoints: ``checkpoints.damaged/``, steps that failed to restore, set aside.
-      step_logs: the JSON-lines logs keyed by ``step`` (metrics, routing) that a resume cuts
+      step_logs: the JSON-lines logs keyed by ``step`` (metrics, routing, ranks) that a resume cuts
         back to its checkpoint's step.
       merged: ``merged/``, the HF folder with the experts folded in.
-      adapter: ``adapter/``, the PEFT adapter (lora and molfe runs with a frozen base).
+      adapter: ``adapter/``, the PEFT adapter (lora, adalora and molfe runs with a frozen
+        base).
       plots: ``plots/``, the PNGs of ``molf-jax plot``.
     """
 
@@ -50,10 +53,12 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     routing_table = property(lambda self: self.path / "routing_modules.json")
     routing = property(lambda self: self.path / "routing.jsonl")
+    rank_table = property(lambda self: self.path / "rank_modules.json")
+    ranks = property(lambda self: self.path / "ranks.jsonl")
     tensorboard = property(lambda self: self.path / "tensorboard")
     checkpoints = property(lambda self: self.path / "checkpoints")
     damaged_checkpoints = property(lambda self: self.path / "checkpoints.damaged")
-    step_logs = property(lambda self: (self.metrics, self.routing))
+    step_logs = property(lambda self: (self.metrics, self.routing, self.ranks))
     merged = property(lambda self: self.path / "merged")
     adapter = property(lambda self: self.path / "adapter")
     plots = property(lambda self: self.path / "plots")

@@ -30,6 +30,8 @@ from molf_jax.adalora._allocator import (
     adalora_allocate,
     apply_rank_pattern,
     find_allocator_state,
+    rank_counts,
+    rank_module_names,
     rank_pattern,
 )
 
@@ -47,6 +49,8 @@ __all__ = [
     "is_adalora_path",
     "merge_adalora",
     "orth_regularizer",
+    "rank_counts",
+    "rank_module_names",
     "rank_pattern",
     "strip_adalora",
 ]

@@ -37,7 +37,7 @@ import optax
 from molf_jax.adalora._adapters import ADALORA_KEY
 
 __all__ = ["AdaLoraAllocatorState", "AdaLoraSchedule", "adalora_allocate", "apply_rank_pattern",
-           "find_allocator_state", "rank_pattern"]
+           "find_allocator_state", "rank_counts", "rank_module_names", "rank_pattern"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -338,3 +338,29 @@ def apply_rank_pattern(params: Mapping, opt_state: Any) -> dict:
         return out
 
     return visit(params, ())
+
+
+def rank_counts(state: AdaLoraAllocatorState) -> jax.Array:
+    """int32 [modules]: each module's kept rank (on device, jit-safe), in the order of
+    `rank_module_names`."""
+    return jnp.concatenate([jnp.sum(k, axis=-1, dtype=jnp.int32).reshape(-1)
+                            for k in jax.tree.leaves(state.keep)])
+
+
+def rank_module_names(state: AdaLoraAllocatorState) -> list[str]:
+    """The module of each entry of `rank_counts`: ``layers/3/self_attn/q_proj`` (a scanned
+    leaf's layer index goes in after ``layers``).
+
+    Example:
+      >>> rank_module_names(find_allocator_state(opt_state))[:1]     # doctest: +SKIP
+      ['layers/0/mlp/down_proj']
+    """
+    names = []
+    for path, keep in jax.tree_util.tree_flatten_with_path(state.keep)[0]:
+        parts = [str(getattr(k, "key", k)) for k in path][:-1]  # drop the "adalora" level
+        if keep.ndim == 1:
+            names.append("/".join(parts))
+            continue
+        for layer in range(int(np.prod(keep.shape[:-1]))):
+            names.append("/".join([parts[0], str(layer), *parts[1:]]))
+    return names

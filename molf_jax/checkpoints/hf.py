@@ -27,6 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from molf_jax.adalora import AdaLoraSpec, adalora_triplets, merge_adalora
 from molf_jax.checkpoints.folders import check_destination, written_whole
 from molf_jax.lora import LoraSpec, lora_paths, merge_lora
 from molf_jax.models import DecoderConfig, abstract_params, build_model, family_of, load_config
@@ -352,7 +353,8 @@ def save_hf(out_dir: str | os.PathLike, params: Mapping, config: DecoderConfig, 
       out_dir: destination folder (created).
       params: scanned or unscanned tree; LoRA leaves are merged with ``lora``.
       config: the model's config.
-      lora: the spec of the LoRA leaves in ``params`` (required if there are any).
+      lora: the spec of the LoRA leaves in ``params`` (required if there are any), or the
+        ``AdaLoraSpec`` of its AdaLoRA triplets (folded in as ``s (a * e) @ b``).
       source_dir: HF folder the model came from: its ``config.json`` (same model type) and
         tokenizer / generation files are carried over.
       tokenizer: an HF tokenizer to ``save_pretrained`` into the folder instead.
@@ -373,6 +375,10 @@ def save_hf(out_dir: str | os.PathLike, params: Mapping, config: DecoderConfig, 
     out_dir = Path(out_dir)
     protected = (source_dir, *protected)
     check_destination(out_dir, overwrite=overwrite, protected=protected)
+    if isinstance(lora, AdaLoraSpec):
+        params = merge_adalora(params, lora)
+    elif next(adalora_triplets(params), None) is not None:
+        raise ValueError("params hold AdaLoRA triplets; pass lora=<AdaLoraSpec> to merge them")
     if lora_paths(params):
         if lora is None:
             raise ValueError("params hold LoRA leaves; pass lora=<LoraSpec> to merge them "

@@ -10,7 +10,7 @@ from molf_jax.models import PROJECTIONS
 from molf_jax.options import choices_of, option
 from molf_jax.routing import resolve_score
 
-MODES = ("fft", "lora", "molf", "molfe", "molf_gate")
+MODES = ("fft", "lora", "molf", "molfe", "molf_gate", "adalora")
 # Modes whose optimizer routes between experts (they log routing), and those with an FFT expert.
 ROUTED_MODES = ("molf", "molfe", "molf_gate")
 FFT_EXPERT_MODES = ("molf", "molf_gate")
@@ -25,11 +25,14 @@ ATTENTION = ("xla", "cudnn")
 # setting is left at None. Sources, one per value:
 # - ranks: MoLF's one r128 expert (their config default); MoLF-E ranks 32 and 128 (their
 #   MoLF-E quickstart); LoRA baseline r32 (their baseline scripts).
+#   AdaLoRA: peft's AdaLoraConfig init_r 12 (every module's rank before pruning, --init-r).
 DEFAULT_RANKS = {"fft": (), "lora": (32,), "molf": (128,), "molfe": (32, 128),
-                 "molf_gate": (128,)}
+                 "molf_gate": (128,), "adalora": (12,)}
 # - alpha: routed experts 32 with rsLoRA (their config default; s = 32 / sqrt(r)). The LoRA
 #   baseline follows their scripts' rsLoRA rule alpha = round(2 sqrt(r)) (r 32 -> 11).
 ROUTED_ALPHA = 32.0
+#   AdaLoRA: peft's LoraConfig default 8 (its scale is alpha / init_r, no rsLoRA).
+ADALORA_ALPHA = 8.0
 
 
 def baseline_alpha(rank: int) -> float:
@@ -45,10 +48,12 @@ def baseline_alpha(rank: int) -> float:
 # - LoRA learning rate: MoLF and MoLF-E use the FFT rate, 5e-5 (their README quickstart: EPD
 #   multiplies each expert's score by its rate, so unequal rates bias the routing); the LoRA
 #   baseline takes 5e-4, the first value of their sweep {5e-4, 5e-5}. FFT: 5e-5, the middle
-#   of their sweep {1e-4, 5e-5, 2e-5} and their MoLF quickstart's rate.
-DEFAULT_LORA_LR = {"fft": 5e-4, "lora": 5e-4, "molf": 5e-5, "molfe": 5e-5, "molf_gate": 5e-5}
+#   of their sweep {1e-4, 5e-5, 2e-5} and their MoLF quickstart's rate. AdaLoRA, the other
+#   adapter baseline, takes the LoRA baseline's rate.
+DEFAULT_LORA_LR = {"fft": 5e-4, "lora": 5e-4, "molf": 5e-5, "molfe": 5e-5, "molf_gate": 5e-5,
+                   "adalora": 5e-4}
 # - top-k: MoLF top-1 (paper default); MoLF-E top-2 (their MoLF-E quickstart).
-DEFAULT_TOP_K = {"fft": 1, "lora": 1, "molf": 1, "molfe": 2, "molf_gate": 1}
+DEFAULT_TOP_K = {"fft": 1, "lora": 1, "molf": 1, "molfe": 2, "molf_gate": 1, "adalora": 1}
 # Warm-up ratio 0.1 (warm-up = ceil(0.1 x steps), as their HF Trainer counts it), weight decay
 # 0.1 / 0.01, dropout 0.05, cosine: the field defaults below. Their effective batch is 32
 # (8 x grad-accum 4) for 2 epochs; the CLI keeps 8 x 1 so that the main job runs in minutes on
@@ -76,8 +81,9 @@ class TrainConfig:
     """
 
     mode: str = option("molf", "fft, lora, molf (FFT expert + LoRA experts), molfe (frozen "
-                       "base, LoRA experts of several ranks) or molf_gate (molf's experts gated "
-                       "before AdamW: the approximate form, DESIGN.md section 2)",
+                       "base, LoRA experts of several ranks), molf_gate (molf's experts gated "
+                       "before AdamW: the approximate form, DESIGN.md section 2) or adalora "
+                       "(frozen base, AdaLoRA triplets pruned by peft's rank allocator)",
                        choices=MODES, group="run")
     model: str = option("default", "'default' (embedded Gemma 3 270M), an HF folder, or a "
                         "preset name for a random-init model (e.g. qwen2.5-1.5b)")
@@ -110,7 +116,7 @@ class TrainConfig:
     fft_lr: float = option(5e-5, "peak learning rate of the FFT expert and non-routed leaves",
                            group="optimizer and routing")
     lora_lr: float | None = option(None, "peak learning rate of the LoRA experts",
-                                   default_text="5e-5 in molf, molfe, molf_gate; 5e-4 in lora")
+                                   default_text="5e-5 in molf, molfe, molf_gate; 5e-4 in lora and adalora")
     fft_weight_decay: float = option(0.1, "AdamW weight decay of the FFT group")
     lora_weight_decay: float = option(0.01, "AdamW weight decay of the LoRA experts")
     top_k: int | None = option(None, "experts updated per module and step (molf, molfe)",
@@ -123,6 +129,21 @@ class TrainConfig:
     schedule: str = option("cosine", "learning-rate shape shared by both groups",
                            choices=SCHEDULES)
     warmup_ratio: float = option(0.1, "share of the steps spent warming up")
+
+    # peft's AdaLoraConfig names and defaults; its total_step is the run's optimizer steps.
+    init_r: int | None = option(
+        None, "adalora: every module's rank before pruning",
+        default_text=f"peft's {DEFAULT_RANKS['adalora'][0]}",
+        group="AdaLoRA (mode adalora; peft's AdaLoraConfig names and defaults; --lora-alpha "
+              f"defaults to peft's {ADALORA_ALPHA:g}, --lora-lr, --lora-weight-decay and "
+              "--lora-dropout apply)")
+    target_r: int = option(8, "adalora: average rank per module at the end")
+    tinit: int = option(0, "adalora: steps before any pruning")
+    tfinal: int = option(0, "adalora: final steps that keep the final rank pattern")
+    delta_t: int = option(1, "adalora: steps between allocations (peft's deltaT)")
+    beta1: float = option(0.85, "adalora: smoothing of the sensitivity |p * g|")
+    beta2: float = option(0.85, "adalora: smoothing of its uncertainty")
+    orth_reg_weight: float = option(0.5, "adalora: weight of the orthogonality penalty")
 
     batch_size: int = option(8, "rows per micro-batch", group="batches and length")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -177,6 +198,8 @@ class TrainConfig:
 
     @property
     def ranks(self) -> tuple[int, ...]:
+        if self.mode == "adalora" and self.init_r is not None:
+            return (self.init_r,)
         return tuple(self.lora_ranks) if self.lora_ranks is not None else DEFAULT_RANKS[self.mode]
 
     @property
@@ -189,6 +212,9 @@ class TrainConfig:
 
     @property
     def alphas(self) -> tuple[float, ...]:
+        if self.mode == "adalora":
+            return (ADALORA_ALPHA if self.lora_alpha is None
+                    else float(self.lora_alpha[0]),)
         if self.lora_alpha is None:
             if self.mode == "lora":
                 return tuple(baseline_alpha(r) for r in self.ranks)
@@ -242,7 +268,14 @@ def _check(c: TrainConfig) -> None:
     if c.mode == "molfe":
         need(len(ranks) >= 2, f"mode 'molfe' routes between LoRA experts: give two or more "
                               f"ranks, got {list(ranks)}")
-    if c.lora_alpha is not None:
+    if c.mode == "adalora":
+        need(c.lora_ranks is None, "mode 'adalora' takes --init-r and --target-r, not "
+                                   "--lora-ranks")
+        need(c.lora_alpha is None or len(c.lora_alpha) == 1,
+             f"mode 'adalora' takes one --lora-alpha, got {list(c.lora_alpha or ())}")
+        need(c.orth_reg_weight >= 0, f"orth-reg-weight must be >= 0, got {c.orth_reg_weight}")
+        check_adalora_schedule(c, c.steps)
+    elif c.lora_alpha is not None:
         need(len(c.lora_alpha) in (1, len(ranks)),
              f"give one LoRA alpha or one per rank ({len(ranks)}), got {list(c.lora_alpha)}")
     experts = len(ranks) + (1 if c.mode in FFT_EXPERT_MODES else 0)
@@ -270,3 +303,18 @@ def _check(c: TrainConfig) -> None:
          f"save-every-minutes must be >= 0, got {c.save_every_minutes}")
     need(c.save_every >= 0 and c.log_every >= 1 and c.routing_log_every >= 0,
          "save-every >= 0, log-every >= 1, routing-log-every >= 0")
+
+
+def check_adalora_schedule(c: TrainConfig, total_steps: int | None):
+    """The AdaLoRA schedule for ``total_steps`` optimizer steps (None: all but the fit with the
+    step count is checked), or ConfigError with peft's reason."""
+    from molf_jax.adalora import AdaLoraSchedule
+
+    try:
+        return AdaLoraSchedule(
+            total_step=total_steps if total_steps is not None else c.tinit + c.tfinal + 1,
+            init_r=c.ranks[0], target_r=c.target_r, tinit=c.tinit, tfinal=c.tfinal,
+            deltaT=c.delta_t, beta1=c.beta1, beta2=c.beta2)
+    except ValueError as err:
+        message = str(err).replace("deltaT", "delta-t").replace("init_r", "init-r")
+        raise ConfigError(f"adalora: {message.replace('target_r', 'target-r')}") from None

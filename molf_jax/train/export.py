@@ -12,13 +12,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from molf_jax.adalora import (AdaLoraSpec, adalora_triplets, apply_rank_pattern,
+                              is_adalora_path, merge_adalora, rank_pattern)
 from molf_jax.checkpoints import save_hf
 from molf_jax.checkpoints.folders import check_destination
 from molf_jax.checkpoints.peft import save_peft_adapter
+from molf_jax.checkpoints.peft_adalora import save_peft_adalora_adapter
+from molf_jax.lora import LoraSpec, lora_paths, merge_lora
 from molf_jax.run_dir import RunDir
-from molf_jax.lora import LoraSpec, lora_paths
 from molf_jax.train.checkpoint import RunCheckpointer
-from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig
+from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig, check_adalora_schedule
 from molf_jax.train.mesh import make_mesh
 from molf_jax.train.modes import build_optimizer, is_lora_path, is_trainable
 from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
@@ -27,20 +30,38 @@ from molf_jax.train.trees import join_trees, split_tree, tree_paths
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 
-__all__ = ["RunArtifacts", "adapter_refusal", "export_artifacts", "load_run"]
+__all__ = ["RunArtifacts", "adapter_refusal", "export_artifacts", "load_run", "merge_adapters"]
 
 
 @dataclasses.dataclass
 class RunArtifacts:
-    """A finished run, rebuilt from its directory (see `load_run`)."""
+    """A finished run, rebuilt from its directory (see `load_run`).
+
+    ``total_steps`` and, for adalora, ``rank_pattern`` (``{module: kept bool [.., init_r]}``;
+    the params already have the pruned singular values at 0) come from the run's end.
+    """
 
     config: TrainConfig
     model_config: Any
     params: Any
-    lora: LoraSpec | None
+    lora: LoraSpec | AdaLoraSpec | None
     mode: str
     source_dir: Path | None
     tokenizer: Any
+    total_steps: int | None = None
+    rank_pattern: dict | None = None
+
+
+def merge_adapters(params: Any, spec: LoraSpec | AdaLoraSpec | None) -> Any:
+    """``params`` with its LoRA experts or AdaLoRA triplets folded into the kernels.
+
+    Example:
+      >>> run = load_run("runs/adalora")                              # doctest: +SKIP
+      >>> params = merge_adapters(run.params, run.lora)               # doctest: +SKIP
+    """
+    if isinstance(spec, AdaLoraSpec):
+        return merge_adalora(params, spec)
+    return merge_lora(params, spec) if spec is not None else params
 
 
 def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
@@ -87,7 +108,7 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
     params = jax.device_get(run.params)
     size = sum(x.size * (storage if storage is not None else x.dtype).itemsize
                for path, x in zip(tree_paths(params), jax.tree.leaves(params))
-               if not is_lora_path(path))
+               if not is_lora_path(path) and not is_adalora_path(path))
     # A large model takes minutes to merge and write: say so before, not only after.
     print(f"export: writing the merged HF folder {merged_dir} (about {size / 2**30:.1f} GiB)",
           file=sys.stderr, flush=True)
@@ -95,8 +116,14 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
         merged_dir, params, run.model_config, lora=run.lora, source_dir=run.source_dir,
         tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage,
         **safety)}
-    if refusal is None:
-        base = str(run.source_dir) if run.source_dir is not None else str(run.config.model)
+    base = str(run.source_dir) if run.source_dir is not None else str(run.config.model)
+    if refusal is None and isinstance(run.lora, AdaLoraSpec):
+        written["adapter"] = save_peft_adalora_adapter(
+            adapter_dir, params, run.model_config, run.lora,
+            check_adalora_schedule(run.config, run.total_steps), run.rank_pattern,
+            base_model_name_or_path=base, orth_reg_weight=run.config.orth_reg_weight,
+            dtype=storage, **safety)
+    elif refusal is None:
         written["adapter"] = save_peft_adapter(
             adapter_dir, params, run.model_config, run.lora, base_model_name_or_path=base,
             dtype=storage, **safety)
@@ -112,6 +139,10 @@ def adapter_refusal(run: Any) -> str | None:
     """
     if run.mode == "fft":
         return "an fft run has no LoRA experts; use the merged folder"
+    if isinstance(run.lora, AdaLoraSpec):
+        if next(adalora_triplets(run.params), None) is None or run.rank_pattern is None:
+            return "the adalora run's parameters hold no AdaLoRA triplets and rank pattern"
+        return None
     if run.lora is None or not lora_paths(run.params):
         return f"the {run.mode} run's parameters hold no LoRA leaves"
     trains = is_trainable(run.config, target_linears(run.params))
@@ -143,15 +174,22 @@ def load_run(run_dir) -> RunArtifacts:
     params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
     trainable_fn = is_trainable(config, target_linears(params))
     trainable, frozen = split_tree(params, trainable_fn)
-    optimizer, _ = build_optimizer(config, total_steps=1)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
     try:
-        trainable, _, _ = checkpointer.restore(
+        # AdaLoRA's schedule needs the run's step count: --steps, or the last checkpoint's.
+        total_steps = config.steps or checkpointer.latest_step() or 1
+        optimizer, _ = build_optimizer(config, total_steps=total_steps)
+        opt_state = jax.eval_shape(optimizer.init, trainable)
+        opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
+        trainable, opt_state, _ = checkpointer.restore(
             trainable, opt_state, identity=model_identity(config, source, params))
     finally:
         checkpointer.close()
-    return RunArtifacts(config=config, model_config=source.config,
-                        params=join_trees(trainable, frozen), lora=spec, mode=config.mode,
-                        source_dir=source.hf_dir, tokenizer=load_tokenizer(source))
+    params = join_trees(trainable, frozen)
+    pattern = None
+    if isinstance(spec, AdaLoraSpec):
+        params, pattern = apply_rank_pattern(params, opt_state), rank_pattern(opt_state)
+    return RunArtifacts(config=config, model_config=source.config, params=params, lora=spec,
+                        mode=config.mode, source_dir=source.hf_dir,
+                        tokenizer=load_tokenizer(source), total_steps=total_steps,
+                        rank_pattern=pattern)

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from molf_jax.adalora import (apply_rank_pattern, find_allocator_state, rank_module_names,
+                              rank_pattern)
 from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fixed_lengths,
                            load_task, pad_token_id)
 from molf_jax.paths import writable_folder
@@ -189,6 +191,9 @@ def train(config: TrainConfig) -> RunSummary:
     if routed:
         table = routing_table(label_lora_experts, trainable)
         log.write_routing_table(table.module_names, _expert_labels(config), table.valid)
+    allocator = find_allocator_state(opt_state)
+    if allocator is not None:
+        log.write_rank_modules(rank_module_names(allocator), config.ranks[0])
 
     n_trainable, n_total = count_params(trainable), count_params(params)
     _say(f"{config.mode}: {source.name} ({type(source.config).__name__}), "
@@ -264,7 +269,11 @@ def train(config: TrainConfig) -> RunSummary:
         from molf_jax.train.export import RunArtifacts, export_artifacts
 
         run = RunArtifacts(config=config, model_config=source.config, params=params, lora=spec,
-                           mode=config.mode, source_dir=source.hf_dir, tokenizer=tokenizer)
+                           mode=config.mode, source_dir=source.hf_dir, tokenizer=tokenizer,
+                           total_steps=total_steps)
+        if allocator is not None:
+            run.params = apply_rank_pattern(params, opt_state)
+            run.rank_pattern = rank_pattern(opt_state)
         written, note = export_artifacts(run, run_dir)
         summary.merged_dir = str(written["merged"])
         summary.adapter_dir = str(written["adapter"]) if "adapter" in written else None
@@ -356,6 +365,9 @@ class _Readback:
         if "route_winners" in host and config.routing_log_every and \
                 (step + 1) % config.routing_log_every == 0:
             self._log.routing(step + 1, host["route_winners"], host["route_scores"])
+        if "adalora_ranks" in host and config.routing_log_every and \
+                (step + 1) % config.routing_log_every == 0:
+            self._log.ranks(step + 1, host["adalora_ranks"], host["adalora_budget"])
         if (step + 1) % config.log_every == 0 or step == self._total_steps - 1:
             self.flush_interval()
         loss = self._final_loss
@@ -408,6 +420,11 @@ def _interval_row(step: int, interval: list[dict], schedules, skipped_total: int
         "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in interval])),
         "skipped": skipped_total,
     }
+    if interval and "adalora_budget" in interval[-1]:
+        row["adalora_budget"] = int(interval[-1]["adalora_budget"])
+        penalties = [m["regularizer"] for m in finite if "regularizer" in m]
+        if penalties:
+            row["orth_reg"] = float(np.mean(penalties))
     if interval and "fft_fraction" in interval[-1]:
         row["fft_fraction"] = float(np.mean([m["fft_fraction"] for m in interval]))
     if interval and "expert_fraction" in interval[-1]:

@@ -1,4 +1,4 @@
-"""The five training modes: which LoRA experts exist, which leaves train, which optimizer.
+"""The training modes: which LoRA experts exist, which leaves train, which optimizer.
 
 =======  ===========================  ==================================  ====================
 mode     LoRA experts                 trainable                           optimizer
@@ -26,21 +26,27 @@ from typing import Any
 import jax
 import optax
 
+from molf_jax.adalora import (AdaLoraSpec, adalora_allocate, is_adalora_path,
+                              orth_regularizer)
 from molf_jax.lora import LoraExpert, LoraSpec
 from molf_jax.routing import (default_no_decay, label_lora_experts, molf_adamw, molf_gate,
                               path_to_str)
-from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig
+from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig, check_adalora_schedule
 from molf_jax.train.platform import with_platform_defaults
 
-__all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer"]
+__all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer", "loss_regularizer"]
 
 _LORA_LEVEL = re.compile(r"(^|/)lora_\d+/")
 
 
-def lora_spec(config: TrainConfig) -> LoraSpec | None:
-    """The LoRA experts a mode adds to every target linear (None for fft)."""
+def lora_spec(config: TrainConfig) -> LoraSpec | AdaLoraSpec | None:
+    """The LoRA experts (or AdaLoRA triplets) a mode adds to every target linear (None for
+    fft)."""
     if config.mode == "fft":
         return None
+    if config.mode == "adalora":
+        return AdaLoraSpec(init_r=config.ranks[0], alpha=config.alphas[0],
+                           targets=tuple(config.lora_targets), dropout=config.lora_dropout)
     experts = tuple(LoraExpert(r, a) for r, a in zip(config.ranks, config.alphas))
     return LoraSpec(experts=experts, targets=tuple(config.lora_targets), rslora=config.rslora,
                     dropout=config.lora_dropout,
@@ -60,6 +66,8 @@ def is_trainable(config: TrainConfig, target_linears: set[str]) -> Callable[[str
     """
     if config.mode == "fft" or config.mode in FFT_EXPERT_MODES:
         return lambda path: True
+    if config.mode == "adalora":
+        return is_adalora_path
     if config.mode == "lora" or not config.train_embeddings_norms:
         return is_lora_path
 
@@ -106,7 +114,11 @@ def build_optimizer(config: TrainConfig, total_steps: int,
     def groups(params) -> Any:
         return jax.tree_util.tree_map_with_path(lambda p, _: _group(path_to_str(p)), params)
 
-    if config.mode in ("molf", "molfe"):
+    if config.mode == "adalora":
+        # peft trains every factor with one AdamW; the allocator wraps it.
+        tx = adalora_allocate(adamw(lora_lr, config.lora_weight_decay),
+                              check_adalora_schedule(config, total_steps))
+    elif config.mode in ("molf", "molfe"):
         tx = molf_adamw(label_lora_experts, fft_learning_rate=fft_lr, lora_learning_rate=lora_lr,
                         fft_weight_decay=config.fft_weight_decay,
                         lora_weight_decay=config.lora_weight_decay, mu_dtype=mu_dtype,
@@ -120,6 +132,13 @@ def build_optimizer(config: TrainConfig, total_steps: int,
     if max_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
     return tx, {"fft": fft_lr, "lora": lora_lr}
+
+
+def loss_regularizer(config: TrainConfig) -> Callable[[Any], jax.Array] | None:
+    """What the mode adds to the loss: AdaLoRA's weighted orthogonality penalty, else None."""
+    if config.mode != "adalora" or config.orth_reg_weight == 0:
+        return None
+    return lambda params: config.orth_reg_weight * orth_regularizer(params)
 
 
 def _group(path: str) -> str:

@@ -1,4 +1,4 @@
-"""What a run writes for people and plots: metrics, routing, TensorBoard events.
+"""What a run writes for people and plots: metrics, routing, AdaLoRA ranks, TensorBoard events.
 
 Files in the run directory (named by `molf_jax.run_dir.RunDir`):
 
@@ -9,6 +9,10 @@ Files in the run directory (named by `molf_jax.run_dir.RunDir`):
   cells exist.
 * ``routing.jsonl``: per logged step, each module's winners (0/1 per expert column) and scores
   (null where the module has no such expert).
+* ``rank_modules.json`` (adalora): ``modules`` (one name per module, layer index included) and
+  ``init_r``.
+* ``ranks.jsonl`` (adalora): per logged step, ``ranks`` (each module's kept rank after the
+  step, in the order of ``modules``) and ``budget`` (the total the allocator last allowed).
 
 The per-step logs are a transaction log of the checkpoints: the loop writes every step's rows
 before it saves that step, and a resumed run first cuts each log back to the restored step, so
@@ -52,7 +56,7 @@ class RunLog:
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False,
                  resume_step: int | None = None, write: bool = True):
         self._write = write
-        self._metrics = self._routing = self._tb = None
+        self._metrics = self._routing = self._ranks = self._tb = None
         if not write:
             return
         self.run_dir = RunDir(run_dir)
@@ -78,6 +82,19 @@ class RunLog:
                        "valid": np.asarray(valid).astype(bool).tolist()}, f)
         self._routing = open(self.run_dir.routing, "a", buffering=1)
 
+    def write_rank_modules(self, module_names, init_r: int) -> None:
+        if not self._write:
+            return
+        with open(self.run_dir.rank_table, "w") as f:
+            json.dump({"modules": list(module_names), "init_r": int(init_r)}, f)
+        self._ranks = open(self.run_dir.ranks, "a", buffering=1)
+
+    def ranks(self, step: int, ranks: np.ndarray, budget: int) -> None:
+        if self._ranks is None:
+            return
+        self._ranks.write(json.dumps({"step": step, "ranks": np.asarray(ranks).tolist(),
+                                      "budget": int(budget)}) + "\n")
+
     def metrics(self, row: dict[str, Any]) -> None:
         if not self._write:
             return
@@ -100,6 +117,8 @@ class RunLog:
             self._metrics.close()
         if self._routing is not None:
             self._routing.close()
+        if self._ranks is not None:
+            self._ranks.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from molf_jax import models
+from molf_jax.adalora import AdaLoraSpec, add_adalora
 from molf_jax.checkpoints import load_hf
 from molf_jax.lora import LoraSpec, add_lora_experts, lora_paths
 from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import param_sharding
-from molf_jax.train.modes import lora_spec
+from molf_jax.train.modes import lora_spec, loss_regularizer
 from molf_jax.train.platform import with_platform_defaults
 from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.train.trees import tree_paths
@@ -82,8 +83,9 @@ def load_tokenizer(source: ModelSource):
 
 
 def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Array
-                 ) -> tuple[Any, LoraSpec | None]:
-    """Base params (loaded straight onto the mesh, or random) plus the mode's LoRA experts."""
+                 ) -> tuple[Any, LoraSpec | AdaLoraSpec | None]:
+    """Base params (loaded straight onto the mesh, or random) plus the mode's LoRA experts
+    (or AdaLoRA triplets)."""
     param_dtype = dtype_of(with_platform_defaults(config).param_dtype)
     rule = param_sharding(mesh)
     base_key, lora_key = jax.random.split(rng)
@@ -99,7 +101,14 @@ def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Arr
         params = jax.jit(lambda key: models.init_params(model, key),
                          out_shardings=shardings)(base_key)
     spec = lora_spec(config)
-    if spec is not None:
+    if isinstance(spec, AdaLoraSpec):
+        try:
+            params = add_adalora(params, spec, lora_key)
+        except ValueError:
+            raise ConfigError(f"--lora-targets {list(config.lora_targets)} match no linear of "
+                              "this model") from None
+        params = jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
+    elif spec is not None:
         params = add_lora_experts(params, spec, lora_key)
         if not lora_paths(params):
             raise ConfigError(f"--lora-targets {list(config.lora_targets)} match no linear of "
@@ -136,8 +145,8 @@ def training_step(config: TrainConfig, model, optimizer, trainable_fn, params: A
         model, optimizer, trainable=trainable_fn, seed=config.seed, loss_chunk=config.loss_chunk,
         dropout=config.mode != "fft" and config.lora_dropout > 0,
         route_fft_column=config.mode in FFT_EXPERT_MODES,
-        return_routing=config.mode in ROUTED_MODES and config.routing_log_every > 0),
-        params, opt_state)
+        return_routing=config.mode in ROUTED_MODES and config.routing_log_every > 0,
+        regularizer=loss_regularizer(config)), params, opt_state)
 
 
 def target_linears(params: Any) -> set[str]:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from molf_jax.adalora import find_allocator_state, rank_counts
 from molf_jax.models import next_token_loss
 from molf_jax.routing import MolfGateState, MolfRouteState
 from molf_jax.train.mesh import constrain_rows, mesh_of, tracing_mesh
@@ -139,6 +140,10 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
                    "skipped": jnp.logical_not(finite)}
         if penalty is not None:
             metrics["regularizer"] = penalty
+        allocator = find_allocator_state(new_opt_state)
+        if allocator is not None:
+            metrics["adalora_ranks"] = rank_counts(allocator)
+            metrics["adalora_budget"] = allocator.budget
         route = find_route_state(new_opt_state)
         if route is not None:
             if route_fft_column:
