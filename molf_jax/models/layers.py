@@ -136,7 +136,8 @@ class LoraLinear(nn.Module):
     Attributes:
       features: output width.
       use_bias: whether the linear has a bias.
-      lora: the LoRA spec, or None for a plain linear.
+      lora: the LoRA spec, an ``AdaLoraSpec`` (one SVD triplet ``adalora/{a,e,b}``, peft's
+        SVDLinear), or None for a plain linear.
       deterministic: no dropout when True; otherwise the ``'dropout'`` rng drives it.
       dtype: compute dtype. param_dtype: storage dtype of the parameters.
       rematerialised: the enclosing layer is fully rematerialised (remat 'full': its forward
