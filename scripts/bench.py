@@ -36,6 +36,7 @@ from molf_jax.train.modes import lora_spec
 from molf_jax.train.platform import PLATFORM_DEFAULTS, with_platform_defaults
 from molf_jax.train.setup import target_linears, training_model, training_step
 from molf_jax.train.trees import count_params
+from molf_jax.adalora import AdaLoraSpec, add_adalora
 from molf_jax.lora import LoraSpec, add_lora_experts
 
 PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md section 4)
@@ -181,10 +182,14 @@ def setup(args) -> Bench:
                          out_shardings=shardings)(jax.random.key(0))
         if spec is None:
             return params
-        params = add_lora_experts(params, spec, jax.random.key(1))
-        # Nonzero B so that every expert shapes the loss as after a few steps of training.
+        if isinstance(spec, AdaLoraSpec):
+            params = add_adalora(params, spec, jax.random.key(1))
+        else:
+            params = add_lora_experts(params, spec, jax.random.key(1))
+        # Nonzero B (AdaLoRA: E) so that every expert shapes the loss as after a few steps.
+        moved = "e" if isinstance(spec, AdaLoraSpec) else "b"
         params = jax.tree_util.tree_map_with_path(
-            lambda p, x: x + 1e-3 if str(getattr(p[-1], "key", "")) == "b" else x, params)
+            lambda p, x: x + 1e-3 if str(getattr(p[-1], "key", "")) == moved else x, params)
         return jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
 
     tx, _ = build_optimizer(config.replace(mode="fft") if args.unrouted_optimizer else config,
@@ -269,7 +274,7 @@ def main(argv=None):
     optimizer_s, trainable, opt_state = time_optimizer(bench.tx, trainable, opt_state, grads,
                                                        repeat=args.steps)
     routing_s = None
-    if args.mode in ROUTED_MODES:
+    if args.mode in (*ROUTED_MODES, "adalora"):  # adalora: the rank allocator's overhead
         del opt_state
         plain_tx, _ = build_optimizer(config.replace(mode="fft"), total_steps=1000)
         plain_state = on_mesh(jax.jit(plain_tx.init)(trainable), mesh)
@@ -298,7 +303,7 @@ def main(argv=None):
     result = {
         "model": args.model, "mode": args.mode, "tag": args.tag,
         "unrouted_optimizer": args.unrouted_optimizer,
-        "merged_lora": bool(bench.spec and bench.spec.merged),
+        "merged_lora": bool(getattr(bench.spec, "merged", False)),
         "ranks": list(config.ranks), "batch": args.batch, "length": args.length,
         "param_dtype": config.param_dtype, "state_dtype": config.state_dtype,
         "compute_dtype": config.compute_dtype,
