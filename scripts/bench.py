@@ -29,6 +29,8 @@ import numpy as np
 import optax
 
 from molf_jax import models
+from molf_jax.adalora import AdaLoraSpec, add_adalora
+from molf_jax.lora import LoraSpec, add_lora_experts
 from molf_jax.train import TrainConfig, build_optimizer, is_trainable, split_tree
 from molf_jax.train.config import ATTENTION, DTYPES, MODES, REMAT, ROUTED_MODES
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
@@ -36,8 +38,6 @@ from molf_jax.train.modes import lora_spec
 from molf_jax.train.platform import PLATFORM_DEFAULTS, with_platform_defaults
 from molf_jax.train.setup import target_linears, training_model, training_step
 from molf_jax.train.trees import count_params
-from molf_jax.adalora import AdaLoraSpec, add_adalora
-from molf_jax.lora import LoraSpec, add_lora_experts
 
 PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md section 4)
 

@@ -20,6 +20,7 @@ from tiny_hf import hf_logits, padded_batch, qwen2_config, random_model, save
 from molf_jax import models
 from molf_jax.adalora import AdaLoraSchedule, AdaLoraSpec, adalora_triplets, add_adalora
 from molf_jax.checkpoints import load_hf, save_hf
+from molf_jax.checkpoints.folders import FolderError
 from molf_jax.checkpoints.peft_adalora import save_peft_adalora_adapter
 
 SPEC = AdaLoraSpec(init_r=4, alpha=8.0, dropout=0.0)
@@ -55,7 +56,7 @@ def exported(tmp_path_factory):
     save_hf(root / "merged", params, config, lora=SPEC)
     save_peft_adalora_adapter(root / "adapter", params, config, SPEC, SCHEDULE, keep,
                               base_model_name_or_path=str(folder))
-    return root, folder, keep, ours, ids, mask
+    return root, folder, keep, ours, ids, mask, config, params
 
 
 def _with_pattern(params, keep):
@@ -79,7 +80,7 @@ def valid(logits, mask):
 
 
 def test_peft_loads_the_adapter_with_our_logits(exported):
-    root, folder, keep, ours, ids, mask = exported
+    root, folder, keep, ours, ids, mask, _, _ = exported
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base.eval(), root / "adapter").eval()
     theirs = hf_logits(model, ids, mask)
@@ -95,7 +96,7 @@ def test_peft_loads_the_adapter_with_our_logits(exported):
 
 
 def test_merged_folder_gives_our_logits(exported):
-    root, _, _, ours, ids, mask = exported
+    root, _, _, ours, ids, mask, _, _ = exported
     merged = transformers.AutoModelForCausalLM.from_pretrained(root / "merged",
                                                                dtype=torch.float32)
     theirs = hf_logits(merged.eval(), ids, mask)
@@ -103,8 +104,17 @@ def test_merged_folder_gives_our_logits(exported):
 
 
 def test_the_adapter_changes_the_model(exported):
-    root, folder, _, ours, ids, mask = exported
+    root, folder, _, ours, ids, mask, _, _ = exported
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     plain = hf_logits(base.eval(), ids, mask)
     assert np.max(np.abs(valid(plain, mask) - valid(ours, mask))) > 100 * TOL * np.max(
         np.abs(ours))
+
+
+def test_the_adapter_never_writes_over_a_model_it_did_not_write(exported):
+    _, folder, keep, _, _, _, config, params = exported
+    before = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+    with pytest.raises(FolderError, match="molf_jax did not write"):
+        save_peft_adalora_adapter(folder, params, config, SPEC, SCHEDULE, keep,
+                                  base_model_name_or_path=None)
+    assert sorted((p.name, p.stat().st_size) for p in folder.iterdir()) == before

@@ -2,6 +2,7 @@
 PEFT AdaLoRA adapter that agree, plots the ranks, and refuses bad schedules with exit status 2."""
 
 import json
+import shutil
 
 import numpy as np
 import peft
@@ -12,6 +13,7 @@ import transformers
 from molf_jax.cli import main as cli_main
 from molf_jax.train import train
 from molf_jax.train.export import load_run
+from molf_jax.train.runlog import RunLog
 from molf_jax.viz import plot_run
 from tiny_run import tiny_config, tiny_hf_folder
 
@@ -61,6 +63,14 @@ def test_rank_log_follows_the_budget(run):
     kept = {path.replace("layers/", f"layers/{layer}/", 1): int(mask[layer].sum())
             for path, mask in pattern.items() for layer in range(L)}
     assert kept == dict(zip(table["modules"], rows[-1]["ranks"]))
+
+
+def test_resume_cuts_the_rank_log_back_with_the_other_step_logs(run, tmp_path):
+    _, run_dir, _ = run
+    shutil.copy(run_dir / "ranks.jsonl", tmp_path / "ranks.jsonl")
+    RunLog(tmp_path, resume_step=5).close()
+    rows = [json.loads(line) for line in open(tmp_path / "ranks.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
 
 
 def test_peft_adapter_and_merged_folder_agree(run):

@@ -106,6 +106,17 @@ def test_summary_compares_the_chosen_runs_over_seeds_with_the_issues_fields():
     assert task["claims"]["molfe_beats_adalora"] is None
 
 
+def test_adalora_is_planned_and_compared_with_molfe():
+    plan = reproduce.Plan(tasks=("med",), methods=tuple(reproduce.methods_available()),
+                          seeds=(0,), model="m", preset="smoke", study=False)
+    assert "med__adalora__recipe__s0" in {j.name for j in reproduce.planned_jobs(plan, [])}
+    rows = [row("med", "molfe", {"mode": "molfe"}, 0, 50.0, {"correct": np.ones(40, int)}),
+            row("med", "adalora", {"mode": "adalora"}, 0, 50.0, {"correct": np.zeros(40, int)})]
+    task = reproduce.summarise(rows, [0])["med"]
+    assert task["molfe_minus_adalora"]["mean"] == 100.0
+    assert task["claims"]["molfe_beats_adalora"] == "yes"
+
+
 def test_readme_speed_tables_are_the_scripts_output(capsys):
     """The README's speed tables are pasted output, never typed by hand."""
     readme = (ROOT / "README.md").read_text()

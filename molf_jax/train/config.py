@@ -106,7 +106,8 @@ class TrainConfig:
         default_text="lora 32, molf and molf_gate 128, molfe 32 128")
     lora_alpha: tuple[float, ...] | None = option(
         None, "one alpha for all ranks, or one per rank; with rsLoRA s = alpha / sqrt(r)",
-        default_text=f"{ROUTED_ALPHA:g} for routed experts, round(2 sqrt(r)) for lora")
+        default_text=f"{ROUTED_ALPHA:g} for routed experts, round(2 sqrt(r)) for lora, "
+                     f"{ADALORA_ALPHA:g} for adalora")
     lora_dropout: float = option(0.05, "dropout on the LoRA experts' input")
     rslora: bool = option(True, "scale by alpha/r instead of alpha/sqrt(r)",
                           flag="--no-rslora")
