@@ -33,7 +33,6 @@ __all__ = [
     "default_targets",
     "expert_index",
     "expert_key",
-    "lora_mask",
     "lora_paths",
     "merge_lora",
     "strip_lora",
@@ -318,14 +317,3 @@ def lora_paths(params: Mapping) -> tuple[str, ...]:
     map_linears(params, collect)
     return tuple(sorted(paths))
 
-
-def lora_mask(params: Mapping) -> Any:
-    """A tree of bools like ``params``: True on LoRA leaves (trainable when the base is frozen).
-
-    Example:
-      >>> lora_mask({"q_proj": {"kernel": 1, "lora_1": {"a": 2, "b": 3}}})
-      {'q_proj': {'kernel': False, 'lora_1': {'a': True, 'b': True}}}
-    """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(expert_index(str(getattr(k, "key", ""))) is not None for k in path),
-        params)

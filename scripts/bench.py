@@ -31,12 +31,12 @@ import optax
 from molf_jax import models
 from molf_jax.adalora import AdaLoraSpec, add_adalora
 from molf_jax.lora import LoraSpec, add_lora_experts
-from molf_jax.train import TrainConfig, build_optimizer, is_trainable, split_tree
+from molf_jax.train import TrainConfig, build_optimizer, mode_roles, split_trainable
 from molf_jax.train.config import ATTENTION, DTYPES, MODES, REMAT, ROUTED_MODES
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
 from molf_jax.train.modes import lora_spec
 from molf_jax.train.platform import PLATFORM_DEFAULTS, with_platform_defaults
-from molf_jax.train.setup import target_linears, training_model, training_step
+from molf_jax.train.setup import training_model, training_step
 from molf_jax.train.trees import count_params
 
 PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md section 4)
@@ -148,6 +148,7 @@ class Bench(NamedTuple):
       config: the training configuration (`bench_config`).
       mesh, model_config, spec: the device mesh, the model's shape, the LoRA experts.
       initial_params: ``() -> params`` placed on the mesh.
+      roles: each leaf's `molf_jax.train.ParamRole` in the config's mode (`mode_roles`).
       tx: the optimizer (plain AdamW with ``--unrouted-optimizer``).
     """
 
@@ -156,6 +157,7 @@ class Bench(NamedTuple):
     model_config: Any
     spec: LoraSpec | None
     initial_params: Callable[[], Any]
+    roles: Any
     tx: optax.GradientTransformation
 
     def model(self, **changes):
@@ -192,9 +194,10 @@ def setup(args) -> Bench:
             lambda p, x: x + 1e-3 if str(getattr(p[-1], "key", "")) == moved else x, params)
         return jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
 
+    roles = mode_roles(config, jax.eval_shape(initial_params))
     tx, _ = build_optimizer(config.replace(mode="fft") if args.unrouted_optimizer else config,
-                            total_steps=1000)
-    return Bench(config, mesh, model_config, spec, initial_params, tx)
+                            total_steps=1000, roles=roles)
+    return Bench(config, mesh, model_config, spec, initial_params, roles, tx)
 
 
 def make_batch(args, vocab_size, mesh):
@@ -208,10 +211,10 @@ def make_batch(args, vocab_size, mesh):
             "step": np.int32(0)}
 
 
-def train_step(bench: Bench, model, trainable_fn, params, opt_state):
+def train_step(bench: Bench, model, params, opt_state):
     """The timed step: the trainer's (`training_step`), jitted, donating, keeping the shardings
     of ``params`` and ``opt_state``."""
-    return training_step(bench.config, model, bench.tx, trainable_fn, params, opt_state)
+    return training_step(bench.config, model, bench.tx, bench.roles, params, opt_state)
 
 
 def float32_loss(bench: Bench, params, batch) -> float:
@@ -239,11 +242,10 @@ def main(argv=None):
     print(f"benchmarking {json.dumps(config.to_dict())}")
     model = bench.model()
     params = bench.initial_params()
-    trainable_fn = is_trainable(config, target_linears(params) if bench.spec else set())
-    trainable, _ = split_tree(params, trainable_fn)
+    trainable, _ = split_trainable(params, bench.roles)
     opt_state = on_mesh(jax.jit(bench.tx.init)(trainable), mesh)
     batch = make_batch(args, model_config.vocab_size, mesh)
-    step = train_step(bench, model, trainable_fn, params, opt_state)
+    step = train_step(bench, model, params, opt_state)
     compile_start = time.perf_counter()
     if args.dump_memory:
         step = step.lower(params, opt_state, batch).compile()
@@ -267,7 +269,7 @@ def main(argv=None):
     # The optimizer alone on the training state, then plain AdamW on the same leaves in place
     # of it, on gradient-like trees.
     n_params = count_params(params)
-    trainable, _ = split_tree(params, trainable_fn)
+    trainable, _ = split_trainable(params, bench.roles)
     del params, metrics
     n_train = count_params(trainable)
     grads = jax.tree.map(lambda x: (x * 1e-3).astype(x.dtype), trainable)
@@ -276,7 +278,8 @@ def main(argv=None):
     routing_s = None
     if args.mode in (*ROUTED_MODES, "adalora"):  # adalora: the rank allocator's overhead
         del opt_state
-        plain_tx, _ = build_optimizer(config.replace(mode="fft"), total_steps=1000)
+        plain_tx, _ = build_optimizer(config.replace(mode="fft"), total_steps=1000,
+                                      roles=bench.roles)
         plain_state = on_mesh(jax.jit(plain_tx.init)(trainable), mesh)
         plain_s, trainable, plain_state = time_optimizer(plain_tx, trainable, plain_state, grads,
                                                          repeat=args.steps)
@@ -290,9 +293,9 @@ def main(argv=None):
     if args.check:
         params = bench.initial_params()
         first_loss_float32 = float32_loss(bench, params, batch)
-        state = on_mesh(jax.jit(bench.tx.init)(split_tree(params, trainable_fn)[0]), mesh)
+        state = on_mesh(jax.jit(bench.tx.init)(split_trainable(params, bench.roles)[0]), mesh)
         plain = train_step(bench, bench.model(attention="xla", remat="none", merged_lora=False),
-                           trainable_fn, params, state)
+                           params, state)
         first_loss_plain = float(plain(params, state, batch)[2]["loss"])
     tokens = args.batch * args.length
     # Model FLOPs: forward 2N per token; backward 2N for activations plus 2N_trainable for

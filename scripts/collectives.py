@@ -43,9 +43,8 @@ import jax  # noqa: E402
 
 import bench  # noqa: E402  (scripts/bench.py)
 from molf_jax.models import preset  # noqa: E402
-from molf_jax.train import is_trainable, split_tree  # noqa: E402
+from molf_jax.train import split_trainable  # noqa: E402
 from molf_jax.train.mesh import on_mesh, param_sharding, parse_mesh  # noqa: E402
-from molf_jax.train.setup import target_linears  # noqa: E402
 
 KINDS = {"all-gather": "all-gather", "reduce-scatter": "reduce-scatter",
          "all-reduce": "all-reduce", "all-to-all": "all-to-all", "collective-permute": "permute"}
@@ -206,10 +205,9 @@ def step_traffic(args, devices):
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=rule("", x.shape)),
                           jax.eval_shape(setup.initial_params))
-    trainable_fn = is_trainable(setup.config, target_linears(params) if setup.spec else set())
-    trainable, _ = split_tree(params, trainable_fn)
+    trainable, _ = split_trainable(params, setup.roles)
     opt_state = abstract_opt_state(setup.tx, trainable, setup.mesh)
-    step = bench.train_step(setup, setup.model(), trainable_fn, params, opt_state)
+    step = bench.train_step(setup, setup.model(), params, opt_state)
     batch = bench.make_batch(args, setup.model_config.vocab_size, setup.mesh)
     traffic = collective_bytes(post_spmd_hlo(step.lower(params, opt_state, batch)), devices)
     nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize  # noqa: E731

@@ -22,11 +22,11 @@ from tiny_hf import VOCAB, qwen2_config, random_model, save
 
 from molf_jax import models
 from molf_jax.adalora import (AdaLoraSchedule, AdaLoraSpec, adalora_allocate, add_adalora,
-                              find_allocator_state, is_adalora_path, orth_regularizer)
+                              find_allocator_state, orth_regularizer)
 from molf_jax.checkpoints import load_hf
 from molf_jax.models import PROJECTIONS
 from molf_jax.train import make_train_step
-from molf_jax.train.trees import split_tree
+from molf_jax.param_roles import param_roles, split_trainable
 
 STEPS, INIT_R, TARGET_R, TINIT, TFINAL, DELTA_T = 32, 6, 3, 3, 6, 2
 LR, WD, ORTH, ALPHA = 2e-2, 0.01, 0.5, 8.0
@@ -149,9 +149,10 @@ def runs(tmp_path_factory):
                                tfinal=TFINAL, deltaT=DELTA_T, beta1=0.85, beta2=0.85)
     tx = adalora_allocate(optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WD),
                           schedule)
-    trainable, _ = split_tree(params, is_adalora_path)
+    roles = param_roles(params, train_base=False, train_others=False)  # the triplets alone
+    trainable, _ = split_trainable(params, roles)
     opt_state = tx.init(trainable)
-    step = jax.jit(make_train_step(model, tx, trainable=is_adalora_path, dropout=False,
+    step = jax.jit(make_train_step(model, tx, roles=roles, dropout=False,
                                    regularizer=lambda p: ORTH * orth_regularizer(p)))
     ours_patterns, ours_params, budgets = [], [], []
     for t, (ids, loss_mask) in enumerate(batches()):

@@ -8,15 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from molf_jax.train import TrainConfig, build_optimizer, is_trainable, split_tree
+from molf_jax.train import TrainConfig, build_optimizer, mode_roles, split_trainable
 from molf_jax.cli.train import config_from_args
 from molf_jax.cli import build_parser
 from molf_jax.train.config import ConfigError
 from molf_jax.train.modes import lora_spec
 from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding
 from molf_jax.train.platform import with_platform_defaults
-from molf_jax.train.setup import (build_params, resolve_model, target_linears, training_model,
-                                  training_step)
+from molf_jax.train.setup import build_params, resolve_model, training_model, training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
@@ -36,12 +35,12 @@ def trainer_step_text(train_flags, numerics_of):
     source = resolve_model(config.model)
     params = abstract(jax.eval_shape(
         lambda key: build_params(config, source, mesh, rng=key)[0], jax.random.key(0)), mesh)
-    trainable_fn = is_trainable(config, target_linears(params))
-    trainable, _ = split_tree(params, trainable_fn)
-    tx, _ = build_optimizer(config, total_steps=1000)  # bench's schedule length
+    roles = mode_roles(config, params)
+    trainable, _ = split_trainable(params, roles)
+    tx, _ = build_optimizer(config, total_steps=1000, roles=roles)  # bench's schedule length
     opt_state = abstract(jax.eval_shape(tx.init, trainable), mesh)
     model = training_model(config, source.config, lora_spec(config))
-    step = training_step(config, model, tx, trainable_fn, params, opt_state)
+    step = training_step(config, model, tx, roles, params, opt_state)
     return step.lower(params, opt_state, _batch(config, mesh)).as_text()
 
 
@@ -54,10 +53,9 @@ def _batch(config, mesh):
 def bench_step_text(bench_flags):
     setup = bench.setup(bench.parse_args(bench_flags))
     params = abstract(jax.eval_shape(setup.initial_params), setup.mesh)
-    trainable_fn = is_trainable(setup.config, target_linears(params))
-    trainable, _ = split_tree(params, trainable_fn)
+    trainable, _ = split_trainable(params, setup.roles)
     opt_state = abstract(jax.eval_shape(setup.tx.init, trainable), setup.mesh)
-    step = bench.train_step(setup, setup.model(), trainable_fn, params, opt_state)
+    step = bench.train_step(setup, setup.model(), params, opt_state)
     return step.lower(params, opt_state, _batch(setup.config, setup.mesh)).as_text()
 
 
@@ -96,10 +94,9 @@ def test_routed_step_keeps_no_copy_of_the_old_adam_moments():
     setup = bench.setup(bench.parse_args(["--model", "qwen2.5-0.5b", "--layers", "2", "--mode",
                                           "molf", "--lora-ranks", "4", "--mesh", "fsdp=1"]))
     params = abstract(jax.eval_shape(setup.initial_params), setup.mesh)
-    trainable_fn = is_trainable(setup.config, target_linears(params))
-    opt_state = abstract(jax.eval_shape(setup.tx.init, split_tree(params, trainable_fn)[0]),
+    opt_state = abstract(jax.eval_shape(setup.tx.init, split_trainable(params, setup.roles)[0]),
                          setup.mesh)
-    step = bench.train_step(setup, setup.model(), trainable_fn, params, opt_state)
+    step = bench.train_step(setup, setup.model(), params, opt_state)
     config = setup.config.replace(batch_size=2, max_length=32)
     hlo = step.lower(params, opt_state, _batch(config, setup.mesh)).compile().as_text()
     copied = re.findall(r"copy\(%(opt_state\w*__(?:mu|nu)__\w*)", hlo)

@@ -11,11 +11,11 @@ from tiny_hf import hf_logits, padded_batch, qwen2_config, random_model, save
 
 from molf_jax import models
 from molf_jax.checkpoints import load_hf, save_hf
+from molf_jax.param_roles import param_roles, trainable_mask
 from molf_jax.lora import (
     LoraExpert,
     LoraSpec,
     add_lora_experts,
-    lora_mask,
     lora_paths,
     merge_lora,
     strip_lora,
@@ -95,9 +95,9 @@ def test_add_lora_experts_builds_the_tree_the_model_expects(scan):
     assert jax.tree_util.tree_structure(strip_lora(added)) == jax.tree_util.tree_structure(base)
     prefix = "layers/" if scan else "layers/1/"
     assert f"{prefix}self_attn/q_proj/lora_2/b" in lora_paths(added)
-    mask = lora_mask(added)
-    assert sum(jax.tree_util.tree_leaves(mask)) == len(lora_paths(added)) == 4 * 2 * (
-        1 if scan else config.num_layers)
+    lora_only = param_roles(added, train_base=False, train_others=False)
+    assert sum(jax.tree_util.tree_leaves(trainable_mask(lora_only))) == len(
+        lora_paths(added)) == 4 * 2 * (1 if scan else config.num_layers)
 
 
 def test_init_is_kaiming_uniform_a_and_zero_b():

@@ -14,9 +14,10 @@ import pytest
 
 from molf_jax.train import RunCheckpointer, train
 from molf_jax.train.mesh import make_mesh, on_mesh
-from molf_jax.train.modes import build_optimizer, is_trainable
-from molf_jax.train.setup import build_params, resolve_model, target_linears
-from molf_jax.train.trees import split_tree, tree_paths
+from molf_jax.param_roles import split_trainable
+from molf_jax.train.modes import build_optimizer, mode_roles
+from molf_jax.train.setup import build_params, resolve_model
+from molf_jax.train.trees import tree_paths
 from tiny_run import tiny_config, tiny_hf_folder
 
 STEPS = 3
@@ -114,9 +115,9 @@ def test_two_process_checkpoint_resumes_on_four_devices_of_one_process(tiny_dir,
     # Right after the restore, on the new layout: the saved values, bit for bit.
     mesh = make_mesh(MESH_4)
     params, _ = build_params(config, resolve_model(str(tiny_dir)), mesh, rng=jax.random.key(1))
-    trainable_fn = is_trainable(config, target_linears(params))
-    trainable, _ = split_tree(params, trainable_fn)
-    tx, _ = build_optimizer(config, total_steps=STEPS + 2)
+    roles = mode_roles(config, params)
+    trainable, _ = split_trainable(params, roles)
+    tx, _ = build_optimizer(config, total_steps=STEPS + 2, roles=roles)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
     try:
         restored, _, meta = checkpointer.restore(trainable, on_mesh(jax.jit(tx.init)(trainable),

@@ -24,7 +24,7 @@ from molf_jax.checkpoints import load_hf, save_hf
 from molf_jax.checkpoints.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_peft_adapter
 from molf_jax.train.export import export_artifacts
 from molf_jax.lora import LoraExpert, LoraSpec, add_lora_experts, strip_lora
-from molf_jax.train import TrainConfig
+from molf_jax.train import TrainConfig, mode_roles
 
 TORCH_TOL = 1e-5  # peft vs transformers on the merged folder: same framework, same float32
 FLAX_TOL = 1e-4  # peft vs our Flax forward: the cross-framework tolerance of the model tests
@@ -201,7 +201,8 @@ def run_artifacts(folder, mode, spec, **config):
     train_config = TrainConfig(mode=mode, model=str(folder),
                                lora_ranks=tuple(e.rank for e in spec.experts), **config)
     return types.SimpleNamespace(config=train_config, model_config=model_config, params=params,
-                                 lora=spec, mode=mode, source_dir=folder, tokenizer=None)
+                                 lora=spec, roles=mode_roles(train_config, params), mode=mode,
+                                 source_dir=folder, tokenizer=None)
 
 
 def test_export_writes_merged_and_adapter_for_molfe(folders, tmp_path):

@@ -14,10 +14,11 @@ from molf_jax.cli import main as cli_main
 from molf_jax.data import byte_level_tokenizer
 from molf_jax.train import train
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_spec
-from molf_jax.train.modes import build_optimizer, is_trainable
-from molf_jax.train.setup import build_params, resolve_model, target_linears, training_model
+from molf_jax.param_roles import split_trainable
+from molf_jax.train.modes import build_optimizer, mode_roles
+from molf_jax.train.setup import build_params, resolve_model, training_model
 from molf_jax.train.step import jit_train_step, make_train_step
-from molf_jax.train.trees import split_tree, tree_paths
+from molf_jax.train.trees import tree_paths
 from tiny_run import final_params, tiny_config, tiny_hf_folder
 
 # The tiny Qwen2 of tiny_run: D=32, F=64, L=2 layers, N=4 heads, K=2 kv heads, H=8 head dim.
@@ -82,7 +83,7 @@ def test_molf_at_full_top_k_is_plain_adamw(tiny_dir, tmp_path):
     source = resolve_model(str(tiny_dir))
     params, spec = build_params(molf, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
     model = models.build_model(source.config, lora=spec, scan_layers=molf.scan_layers)
-    trainable = is_trainable(molf, target_linears(params))
+    roles = mode_roles(molf, params)
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(4, V, (1, 4, 32), dtype=np.int32),
                 "attention_mask": np.ones((1, 4, 32), np.int32),
@@ -90,9 +91,9 @@ def test_molf_at_full_top_k_is_plain_adamw(tiny_dir, tmp_path):
                for i in range(4)]
     results = []
     for config in (molf, plain):
-        tx, _ = build_optimizer(config, total_steps=4)
-        step = jax.jit(make_train_step(model, tx, trainable=trainable, dropout=False))
-        p, (train_part, _) = params, split_tree(params, trainable)
+        tx, _ = build_optimizer(config, total_steps=4, roles=roles)
+        step = jax.jit(make_train_step(model, tx, roles=roles, dropout=False))
+        p, (train_part, _) = params, split_trainable(params, roles)
         state = tx.init(train_part)
         for batch in batches:
             p, state, metrics = step(p, state, batch)
@@ -143,9 +144,9 @@ def test_fsdp_step_gathers_weights_not_activations(tiny_dir, tmp_path):
     source = resolve_model(str(tiny_dir))
     params, spec = build_params(config, source, mesh, rng=jax.random.key(0))
     model = training_model(config, source.config, spec)
-    trainable = is_trainable(config, target_linears(params))
-    tx, _ = build_optimizer(config, total_steps=4)
-    opt_state = on_mesh(jax.jit(tx.init)(split_tree(params, trainable)[0]), mesh)
+    roles = mode_roles(config, params)
+    tx, _ = build_optimizer(config, total_steps=4, roles=roles)
+    opt_state = on_mesh(jax.jit(tx.init)(split_trainable(params, roles)[0]), mesh)
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
         like_params = NamedSharding(mesh, param_spec(leaf.shape, mesh))
         assert leaf.sharding.is_equivalent_to(like_params, leaf.ndim), \
@@ -154,7 +155,7 @@ def test_fsdp_step_gathers_weights_not_activations(tiny_dir, tmp_path):
     rows, length, width = 8, 32, source.config.hidden_size
     ids = jax.device_put(np.ones((1, rows, length), np.int32), batch_sharding(mesh))
     batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids, "step": np.int32(0)}
-    step = jit_train_step(make_train_step(model, tx, trainable=trainable, dropout=False),
+    step = jit_train_step(make_train_step(model, tx, roles=roles, dropout=False),
                           params, opt_state)
     hlo = step.lower(params, opt_state, batch).compile().as_text()
     activation = f"[{rows},{length},{width}]"

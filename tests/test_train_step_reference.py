@@ -21,12 +21,12 @@ import pytest
 from molf_jax.data import byte_level_tokenizer
 from molf_jax.routing import MolfRouteState, label_lora_experts, routing_table
 from molf_jax.train.step import make_train_step
-from molf_jax.train.trees import split_tree
+from molf_jax.models import PROJECTIONS
+from molf_jax.param_roles import split_trainable
 from tiny_run import tiny_config, tiny_hf_folder, tiny_step_parts
 
 V = len(byte_level_tokenizer())
 L = 2  # layers of the tiny models
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +110,13 @@ def compiled(tiny_dir, tmp_path_factory):
         if key not in cache:
             config = tiny_config(tiny_dir, tmp_path_factory.mktemp(mode), mode=mode,
                                  **RATES.get(mode, {}), **dtypes)
-            model, params, trainable, tx = tiny_step_parts(config, max_grad_norm=None)
-            step = jax.jit(make_train_step(model, tx, trainable=trainable, dropout=False,
+            model, params, roles, tx = tiny_step_parts(config, max_grad_norm=None)
+            step = jax.jit(make_train_step(model, tx, roles=roles, dropout=False,
                                            loss_chunk=16))
             # Committed to one device, as the step's outputs are: later steps reuse the first
             # compilation instead of compiling again for a different input sharding.
             params, state = jax.device_put(
-                jax.device_get((params, tx.init(split_tree(params, trainable)[0]))),
+                jax.device_get((params, tx.init(split_trainable(params, roles)[0]))),
                 jax.devices()[0])
             cache[key] = Parts(model, params, step, state)
         return cache[key]

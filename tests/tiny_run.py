@@ -45,16 +45,15 @@ def tiny_config(model_dir, out_dir, **overrides):
 
 
 def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float | None = 1.0):
-    """What `make_train_step` needs for ``config`` on one device: (model, params, trainable,
+    """What `make_train_step` needs for ``config`` on one device: (model, params, roles,
     optimizer). LoRA ``b`` leaves get small random values (as after some training) so that
     every expert's ``a`` has a gradient too."""
     import jax.numpy as jnp
     import numpy as np
 
     from molf_jax.train.mesh import make_mesh
-    from molf_jax.train.modes import build_optimizer, is_trainable
-    from molf_jax.train.setup import (build_params, resolve_model, target_linears,
-                                      training_model)
+    from molf_jax.train.modes import build_optimizer, mode_roles
+    from molf_jax.train.setup import build_params, resolve_model, training_model
 
     source = resolve_model(config.model)
     params, spec = build_params(config, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
@@ -64,9 +63,10 @@ def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float
             lambda p, x: jnp.asarray(0.02 * rng.standard_normal(x.shape), x.dtype)
             if getattr(p[-1], "key", None) == "b" else x, params)
     model = training_model(config, source.config, spec)
-    trainable = is_trainable(config, target_linears(params))
-    optimizer, _ = build_optimizer(config, total_steps=8, max_grad_norm=max_grad_norm)
-    return model, params, trainable, optimizer
+    roles = mode_roles(config, params)
+    optimizer, _ = build_optimizer(config, total_steps=8, roles=roles,
+                                   max_grad_norm=max_grad_norm)
+    return model, params, roles, optimizer
 
 
 def final_params(run_dir):

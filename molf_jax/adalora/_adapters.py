@@ -28,7 +28,6 @@ import numpy as np
 from molf_jax.lora import default_targets, map_linears as _map_linears, targets_match
 
 __all__ = ["ADALORA_KEY", "AdaLoraSpec", "add_adalora", "adalora_triplets", "delta_kernel",
-           "is_adalora_path",
            "merge_adalora", "orth_regularizer", "strip_adalora"]
 
 ADALORA_KEY = "adalora"
@@ -79,16 +78,6 @@ class AdaLoraSpec:
     def matches(self, module_path: str) -> bool:
         """Whether the linear at ``module_path`` gets a triplet (as ``LoraSpec.matches``)."""
         return targets_match(self.targets, module_path)
-
-
-def is_adalora_path(path: str) -> bool:
-    """Whether a ``/``-joined leaf path is an AdaLoRA factor.
-
-    Example:
-      >>> is_adalora_path("layers/mlp/up_proj/adalora/e"), is_adalora_path("layers/mlp/up_proj/kernel")
-      (True, False)
-    """
-    return f"/{ADALORA_KEY}/" in f"/{path}"
 
 
 def adalora_triplets(params: Mapping, path: tuple[str, ...] = ()

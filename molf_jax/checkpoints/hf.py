@@ -31,6 +31,7 @@ from molf_jax.adalora import AdaLoraSpec, adalora_triplets, merge_adalora
 from molf_jax.checkpoints.folders import check_destination, written_whole
 from molf_jax.lora import LoraSpec, lora_paths, merge_lora
 from molf_jax.models import DecoderConfig, abstract_params, build_model, family_of, load_config
+from molf_jax.routing import path_to_str
 
 __all__ = ["check_tokenizer_vocab", "load_hf", "load_hf_params", "save_hf"]
 
@@ -112,10 +113,6 @@ def _canonical(name: str) -> str | None:
     return None if _IGNORED.search(name) else name
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def _plan(config: DecoderConfig, scanned: bool) -> dict[str, tuple[list[str], bool]]:
     """Flax path -> (HF names, one per stacked layer or a single one; transpose)."""
     plan = {}
@@ -173,12 +170,12 @@ def load_hf_params(hf_dir: str | os.PathLike, config: DecoderConfig, *,
     """
     hf_dir = Path(hf_dir)
     model = build_model(config, scan_layers=scan_layers, param_dtype=param_dtype)
-    expected = {_path_str(p): leaf for p, leaf in
+    expected = {path_to_str(p): leaf for p, leaf in
                 jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]}
     plan = _plan(config, scan_layers)
     flat_shardings = None
     if isinstance(shardings, Mapping):
-        flat_shardings = {_path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        flat_shardings = {path_to_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
             shardings, is_leaf=lambda x: isinstance(x, Sharding))[0]}
 
     with contextlib.ExitStack() as stack:
@@ -307,7 +304,7 @@ def _is_scanned(params: Mapping) -> bool:
 
 def _hf_tensors(params: Mapping, config: DecoderConfig, dtype: Any) -> dict[str, np.ndarray]:
     scanned = _is_scanned(params)
-    flat = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {path_to_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     plan = _plan(config, scanned)
     tensors = {}
     for path, leaf in flat.items():

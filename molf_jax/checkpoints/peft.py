@@ -30,10 +30,11 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from molf_jax.checkpoints.hf import _host, _is_scanned, _path_str
+from molf_jax.checkpoints.hf import _host, _is_scanned
 from molf_jax.checkpoints.folders import check_destination, written_whole
-from molf_jax.lora import LoraSpec, lora_paths, strip_lora
+from molf_jax.lora import LoraSpec, expert_index, expert_key, lora_paths, strip_lora
 from molf_jax.models import DecoderConfig, family_of
+from molf_jax.routing import path_to_str
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "check_base_unchanged", "save_peft_adapter"]
 
@@ -41,7 +42,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PeftModel wraps the causal LM as ``base_model`` (the LoraModel) whose ``model`` is the HF model.
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^lora_(\d+)$")
 
 
 def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, model_config: DecoderConfig,
@@ -125,9 +125,9 @@ def check_base_unchanged(params: Mapping, base_params: Mapping) -> None:
       >>> check_base_unchanged(trained, base)   # doctest: +SKIP
       ValueError: ... layers/0/self_attn/q_proj/kernel differs from the base model ...
     """
-    trained = {_path_str(p): x for p, x in
+    trained = {path_to_str(p): x for p, x in
                jax.tree_util.tree_flatten_with_path(strip_lora(params))[0]}
-    base = {_path_str(p): x for p, x in
+    base = {path_to_str(p): x for p, x in
             jax.tree_util.tree_flatten_with_path(strip_lora(base_params))[0]}
     if set(trained) != set(base):
         only_trained = sorted(set(trained) - set(base))[:3]
@@ -156,7 +156,7 @@ def _lora_linears(params: Mapping, path: tuple[str, ...] = ()):
         if not isinstance(value, Mapping):
             continue
         sub = (*path, str(key))
-        if any(_LORA_KEY.match(str(k)) for k in value):
+        if any(expert_index(k) is not None for k in value):
             yield "/".join(sub), value
         else:
             yield from _lora_linears(value, sub)
@@ -165,20 +165,21 @@ def _lora_linears(params: Mapping, path: tuple[str, ...] = ()):
 def _folded_factors(path: str, linear: Mapping, spec: LoraSpec,
                     scanned: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer slice, PEFT's (lora_A [R, in], lora_B [out, R]) of one module."""
-    indices = sorted(int(m.group(1)) for m in map(_LORA_KEY.match, map(str, linear)) if m)
+    indices = sorted(i for i in map(expert_index, linear) if i is not None)
     if indices != list(range(1, len(spec.experts) + 1)):
+        last = len(spec.experts)
         raise ValueError(f"{path} has LoRA experts {indices} but the LoraSpec describes "
-                         f"{len(spec.experts)} (lora_1..lora_{len(spec.experts)})")
+                         f"{last} ({expert_key(1)}..{expert_key(last)})")
     a_parts, b_parts = [], []
     fold = len(spec.experts) > 1
     for i, (expert, scale) in enumerate(zip(spec.experts, spec.scales), start=1):
-        a = _host(linear[f"lora_{i}"]["a"])
-        b = _host(linear[f"lora_{i}"]["b"])
+        a = _host(linear[expert_key(i)]["a"])
+        b = _host(linear[expert_key(i)]["b"])
         if a.shape[-1] != expert.rank or b.shape[-2] != expert.rank:
-            raise ValueError(f"{path}/lora_{i}: a {a.shape} and b {b.shape} do not have the "
-                             f"rank {expert.rank} of LoraSpec expert {i}")
+            raise ValueError(f"{path}/{expert_key(i)}: a {a.shape} and b {b.shape} do not have "
+                             f"the rank {expert.rank} of LoraSpec expert {i}")
         if a.ndim != (3 if scanned else 2):
-            raise ValueError(f"{path}/lora_{i}/a has shape {a.shape}; expected "
+            raise ValueError(f"{path}/{expert_key(i)}/a has shape {a.shape}; expected "
                              f"{'[L, in, r] (scanned tree)' if scanned else '[in, r]'}")
         a_parts.append(a)
         # Folding several experts absorbs each scale into b (PEFT's scaling is then 1).

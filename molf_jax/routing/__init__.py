@@ -17,8 +17,7 @@ from molf_jax.routing._scores import SCORE_EPS, ExpertInfo, Score, epd, pfn, res
 
 # Transforms.
 from molf_jax.routing._route import MolfRouteState, molf_route
-from molf_jax.routing._recipes import (NO_DECAY_LEAVES, OPTIMIZER_GROUPS, default_no_decay,
-                                       molf_adamw, param_groups)
+from molf_jax.routing._recipes import NO_DECAY_LEAVES, OPTIMIZER_GROUPS, molf_adamw, param_groups
 from molf_jax.routing._gate import MolfGateState, molf_gate
 
 __all__ = [
@@ -31,7 +30,6 @@ __all__ = [
     "RoutingTable",
     "SCORE_EPS",
     "Score",
-    "default_no_decay",
     "epd",
     "label_lora_experts",
     "labels_from_paths",

@@ -9,11 +9,12 @@ modules have no expert 0. Every leaf of a parameter tree carries either an `Expe
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+
+from molf_jax.lora import expert_index
 
 __all__ = ["ExpertLabel", "label_lora_experts", "labels_from_paths", "path_to_str"]
 
@@ -44,15 +45,7 @@ class ExpertLabel:
 
 def path_to_str(path) -> str:
     """Joins a JAX key path into ``"a/b/0/c"``."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def labels_from_paths(params: Any, label_fn: Callable[[str, jax.Array], ExpertLabel | None]) -> Any:
@@ -73,7 +66,6 @@ def labels_from_paths(params: Any, label_fn: Callable[[str, jax.Array], ExpertLa
     return jax.tree_util.tree_map_with_path(lambda p, x: label_fn(path_to_str(p), x), params)
 
 
-_LORA_KEY = re.compile(r"^lora_(\d+)$")
 _BASE_KEYS = ("kernel", "bias")
 
 
@@ -117,16 +109,15 @@ def label_lora_experts(
     def visit(node, path):
         if not isinstance(node, Mapping):
             return None
-        lora_keys = [k for k in node if _LORA_KEY.match(str(k))]
+        lora_keys = [k for k in node if expert_index(k) is not None]
         if not lora_keys:
             return {k: visit(v, path + (str(k),)) for k, v in node.items()}
         stacked = bool(is_stacked(path))
         name = _insert_layer_wildcard(path) if stacked else "/".join(path)
         out = {}
         for k, v in node.items():
-            match = _LORA_KEY.match(str(k))
-            if match:
-                expert = int(match.group(1))
+            expert = expert_index(k)
+            if expert is not None:
                 if expert < 1:
                     raise ValueError(f"{'/'.join(path + (k,))}: LoRA experts are numbered from 1")
                 label = ExpertLabel(name, expert, stacked)

@@ -19,19 +19,13 @@ from molf_jax.routing._route import molf_route
 from molf_jax.routing._scores import Score
 from molf_jax.routing._table import flatten_labels
 
-__all__ = ["NO_DECAY_LEAVES", "OPTIMIZER_GROUPS", "default_no_decay", "molf_adamw",
-           "param_groups"]
+__all__ = ["NO_DECAY_LEAVES", "OPTIMIZER_GROUPS", "molf_adamw", "param_groups"]
 
 FFT, FFT_NO_DECAY, LORA = "fft", "fft_no_decay", "lora"
 # The groups of `param_groups`, each one AdamW of the recipe.
 OPTIMIZER_GROUPS = (FFT, FFT_NO_DECAY, LORA)
 # Leaf names that take no weight decay in the paper's recipe: biases and norm scales.
 NO_DECAY_LEAVES = ("bias", "scale")
-
-
-def default_no_decay(path: str) -> bool:
-    """Whether the leaf at ``path`` ("a/b/bias") takes no weight decay (`NO_DECAY_LEAVES`)."""
-    return path.rsplit("/", 1)[-1] in NO_DECAY_LEAVES
 
 
 def param_groups(params: Any, labels: Any, no_decay: tuple[str, ...] = NO_DECAY_LEAVES) -> Any:

@@ -13,13 +13,15 @@ from molf_jax.train.checkpoint import ResumeError, RunCheckpointer
 
 # Building blocks for custom loops.
 from molf_jax.train.step import find_route_state, make_train_step
-from molf_jax.train.modes import build_optimizer, is_trainable, lora_spec, make_schedule
-from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding, shard_params
-from molf_jax.train.trees import count_params, join_trees, split_tree
+from molf_jax.train.modes import build_optimizer, lora_spec, make_schedule, mode_roles
+from molf_jax.param_roles import ParamRole, split_trainable
+from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding
+from molf_jax.train.trees import count_params, join_trees
 
 __all__ = [
     "ConfigError",
     "NonFiniteLossError",
+    "ParamRole",
     "ResumeError",
     "RunArtifacts",
     "RunCheckpointer",
@@ -31,15 +33,14 @@ __all__ = [
     "adapter_refusal",
     "export_artifacts",
     "find_route_state",
-    "is_trainable",
     "join_trees",
     "load_run",
     "lora_spec",
     "make_mesh",
     "make_schedule",
     "make_train_step",
+    "mode_roles",
     "param_sharding",
-    "shard_params",
-    "split_tree",
+    "split_trainable",
     "train",
 ]

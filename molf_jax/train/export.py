@@ -13,20 +13,20 @@ import jax
 import jax.numpy as jnp
 
 from molf_jax.adalora import (AdaLoraSpec, adalora_triplets, apply_rank_pattern,
-                              is_adalora_path, merge_adalora, rank_pattern)
+                              merge_adalora, rank_pattern)
 from molf_jax.checkpoints import save_hf
 from molf_jax.checkpoints.folders import check_destination
 from molf_jax.checkpoints.peft import save_peft_adapter
 from molf_jax.checkpoints.peft_adalora import save_peft_adalora_adapter
 from molf_jax.lora import LoraSpec, lora_paths, merge_lora
 from molf_jax.run_dir import RunDir
+from molf_jax.param_roles import LORA, split_trainable
 from molf_jax.train.checkpoint import RunCheckpointer
 from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig, check_adalora_schedule
 from molf_jax.train.mesh import make_mesh
-from molf_jax.train.modes import build_optimizer, is_lora_path, is_trainable
-from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
-                                  target_linears)
-from molf_jax.train.trees import join_trees, split_tree, tree_paths
+from molf_jax.train.modes import build_optimizer, mode_roles
+from molf_jax.train.setup import build_params, load_tokenizer, model_identity, resolve_model
+from molf_jax.train.trees import join_trees, tree_paths
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 
@@ -38,13 +38,15 @@ class RunArtifacts:
     """A finished run, rebuilt from its directory (see `load_run`).
 
     ``total_steps`` and, for adalora, ``rank_pattern`` (``{module: kept bool [.., init_r]}``;
-    the params already have the pruned singular values at 0) come from the run's end.
+    the params already have the pruned singular values at 0) come from the run's end;
+    ``roles`` holds each leaf's `molf_jax.param_roles.ParamRole` (`molf_jax.train.mode_roles`).
     """
 
     config: TrainConfig
     model_config: Any
     params: Any
     lora: LoraSpec | AdaLoraSpec | None
+    roles: Any
     mode: str
     source_dir: Path | None
     tokenizer: Any
@@ -73,7 +75,7 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
 
     Args:
       run: a ``molf_jax.train.RunArtifacts`` (``load_run``): config, model_config, params,
-        lora, mode, source_dir, tokenizer.
+        lora, roles, mode, source_dir, tokenizer.
       run_dir: the run directory (default home of ``merged/`` and ``adapter/``).
       merged_dir, adapter_dir: destinations. An explicit ``adapter_dir`` on a run that cannot
         have an adapter is an error; by default such a run just gets none.
@@ -107,8 +109,8 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
         check_destination(adapter_dir, flag="--adapter", **safety)
     params = jax.device_get(run.params)
     size = sum(x.size * (storage if storage is not None else x.dtype).itemsize
-               for path, x in zip(tree_paths(params), jax.tree.leaves(params))
-               if not is_lora_path(path) and not is_adalora_path(path))
+               for x, role in zip(jax.tree.leaves(params), jax.tree.leaves(run.roles))
+               if role.group != LORA)
     # A large model takes minutes to merge and write: say so before, not only after.
     print(f"export: writing the merged HF folder {merged_dir} (about {size / 2**30:.1f} GiB)",
           file=sys.stderr, flush=True)
@@ -134,8 +136,8 @@ def adapter_refusal(run: Any) -> str | None:
     """Why ``run`` cannot be exported as a LoRA adapter, or None when it can.
 
     An adapter carries only the LoRA factors, so every other leaf must be the base model's.
-    ``load_run`` rebuilds frozen leaves from the base, so the leaves the run's mode trains
-    (``molf_jax.train.is_trainable``) are exactly the ones that may have moved.
+    ``load_run`` rebuilds frozen leaves from the base, so the leaves the run's roles mark
+    trainable are exactly the ones that may have moved.
     """
     if run.mode == "fft":
         return "an fft run has no LoRA experts; use the merged folder"
@@ -145,8 +147,9 @@ def adapter_refusal(run: Any) -> str | None:
         return None
     if run.lora is None or not lora_paths(run.params):
         return f"the {run.mode} run's parameters hold no LoRA leaves"
-    trains = is_trainable(run.config, target_linears(run.params))
-    moved = [p for p in tree_paths(run.params) if trains(p) and not is_lora_path(p)]
+    roles = jax.tree.leaves(run.roles)  # ParamRole leaves, in the order of tree_paths
+    moved = [p for p, role in zip(tree_paths(run.params), roles)
+             if role.trainable and role.group != LORA]
     if moved:
         reason = (f"{run.mode} trains the base kernels (its FFT expert)"
                   if run.mode in FFT_EXPERT_MODES else
@@ -172,13 +175,13 @@ def load_run(run_dir) -> RunArtifacts:
     source = resolve_model(config.model)
     mesh = make_mesh(config.mesh)
     params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
-    trainable_fn = is_trainable(config, target_linears(params))
-    trainable, frozen = split_tree(params, trainable_fn)
+    roles = mode_roles(config, params)
+    trainable, frozen = split_trainable(params, roles)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
     try:
         # AdaLoRA's schedule needs the run's step count: --steps, or the last checkpoint's.
         total_steps = config.steps or checkpointer.latest_step() or 1
-        optimizer, _ = build_optimizer(config, total_steps=total_steps)
+        optimizer, _ = build_optimizer(config, total_steps=total_steps, roles=roles)
         opt_state = jax.eval_shape(optimizer.init, trainable)
         opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
         trainable, opt_state, _ = checkpointer.restore(
@@ -190,6 +193,6 @@ def load_run(run_dir) -> RunArtifacts:
     if isinstance(spec, AdaLoraSpec):
         params, pattern = apply_rank_pattern(params, opt_state), rank_pattern(opt_state)
     return RunArtifacts(config=config, model_config=source.config, params=params, lora=spec,
-                        mode=config.mode, source_dir=source.hf_dir,
+                        roles=roles, mode=config.mode, source_dir=source.hf_dir,
                         tokenizer=load_tokenizer(source), total_steps=total_steps,
                         rank_pattern=pattern)

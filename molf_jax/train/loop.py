@@ -25,16 +25,17 @@ from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fix
                            load_task, pad_token_id)
 from molf_jax.paths import writable_folder
 from molf_jax.run_dir import RunDir
-from molf_jax.routing import label_lora_experts, routing_table
+from molf_jax.param_roles import expert_labels, split_trainable
+from molf_jax.routing import routing_table
 from molf_jax.train.checkpoint import RunCheckpointer
 from molf_jax.train.config import ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import (batch_divisor, batch_sharding, initialize_distributed,
                                  make_mesh, on_mesh)
-from molf_jax.train.modes import build_optimizer, is_trainable
+from molf_jax.train.modes import build_optimizer, mode_roles
 from molf_jax.train.platform import describe_numerics, with_platform_defaults
 from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
-                                  target_linears, training_model, training_step)
-from molf_jax.train.trees import count_params, join_trees, split_tree
+                                  training_model, training_step)
+from molf_jax.train.trees import count_params, join_trees
 from molf_jax.train.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -161,9 +162,9 @@ def train(config: TrainConfig) -> RunSummary:
 
     params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
     model = training_model(config, source.config, spec)
-    trainable_fn = is_trainable(config, target_linears(params))
-    optimizer, schedules = build_optimizer(config, total_steps)
-    trainable, frozen = split_tree(params, trainable_fn)
+    roles = mode_roles(config, params)
+    optimizer, schedules = build_optimizer(config, total_steps, roles)
+    trainable, frozen = split_trainable(params, roles)
     opt_state = on_mesh(jax.jit(optimizer.init)(trainable), mesh)
     identity = model_identity(config, source, params)
 
@@ -189,7 +190,7 @@ def train(config: TrainConfig) -> RunSummary:
     log = RunLog(run_dir, tensorboard=config.tensorboard,
                  resume_step=start_step if config.resume else None, write=primary)
     if routed:
-        table = routing_table(label_lora_experts, trainable)
+        table = routing_table(expert_labels(roles), trainable)
         log.write_routing_table(table.module_names, _expert_labels(config), table.valid)
     allocator = find_allocator_state(opt_state)
     if allocator is not None:
@@ -213,7 +214,7 @@ def train(config: TrainConfig) -> RunSummary:
         eval_before = evaluate(config, model, params, tokenizer, eval_records)
         _say(f"eval before: {_fmt(eval_before)} ({time.time() - t0:.0f}s)")
 
-    step_fn = training_step(config, model, optimizer, trainable_fn, params, opt_state)
+    step_fn = training_step(config, model, optimizer, roles, params, opt_state)
     sharding = batch_sharding(mesh)
 
     progress = _progress(total_steps, start_step)
@@ -226,7 +227,7 @@ def train(config: TrainConfig) -> RunSummary:
         # log a resume cuts back to).
         readback.drain(keep=0)
         readback.flush_interval()
-        train_now, _ = split_tree(params, trainable_fn)
+        train_now, _ = split_trainable(params, roles)
         checkpointer.save(step, train_now, opt_state, {
             "step": step, "data": iterator.state(), "seed": config.seed, "identity": identity,
             **readback.totals(time.time() - started, eval_before)._asdict()})
@@ -269,8 +270,8 @@ def train(config: TrainConfig) -> RunSummary:
         from molf_jax.train.export import RunArtifacts, export_artifacts
 
         run = RunArtifacts(config=config, model_config=source.config, params=params, lora=spec,
-                           mode=config.mode, source_dir=source.hf_dir, tokenizer=tokenizer,
-                           total_steps=total_steps)
+                           roles=roles, mode=config.mode, source_dir=source.hf_dir,
+                           tokenizer=tokenizer, total_steps=total_steps)
         if allocator is not None:
             run.params = apply_rank_pattern(params, opt_state)
             run.rank_pattern = rank_pattern(opt_state)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["AXES", "make_mesh", "param_sharding", "shard_params", "batch_sharding",
+__all__ = ["AXES", "make_mesh", "param_sharding", "batch_sharding",
            "batch_divisor", "initialize_distributed", "on_mesh", "mesh_of", "tracing_mesh",
            "constrain_rows"]
 
@@ -109,12 +109,6 @@ def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
 def param_sharding(mesh: Mesh):
     """``(path, shape) -> NamedSharding``, the loader's and the trainer's placement rule."""
     return lambda path, shape: NamedSharding(mesh, param_spec(tuple(shape), mesh))
-
-
-def shard_params(params: Any, mesh: Mesh) -> Any:
-    """Places every leaf on its FSDP sharding."""
-    rule = param_sharding(mesh)
-    return jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
 
 
 def batch_divisor(mesh: Mesh) -> int:

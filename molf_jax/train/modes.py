@@ -11,6 +11,8 @@ molfe    two+ ranks (default 16,128)  LoRA leaves (+ embeddings, norms    molf_a
                                       ``train_embeddings_norms``)
 molf_    ranks (default 128)          everything                          molf_gate chained
 gate                                                                      before AdamW
+adalora  one SVD triplet (init rank)  the triplets                        AdamW (LoRA lr/wd)
+                                                                          in adalora_allocate
 =======  ===========================  ==================================  ====================
 
 Biases and norm scales take no weight decay in every mode.
@@ -19,24 +21,21 @@ Biases and norm scales take no weight decay in every mode.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
-from molf_jax.adalora import (AdaLoraSpec, adalora_allocate, is_adalora_path,
-                              orth_regularizer)
+from molf_jax.adalora import AdaLoraSpec, adalora_allocate, orth_regularizer
 from molf_jax.lora import LoraExpert, LoraSpec
-from molf_jax.routing import (default_no_decay, label_lora_experts, molf_adamw, molf_gate,
-                              path_to_str)
+from molf_jax.param_roles import (FFT, FFT_NO_DECAY, LORA, expert_labels, optimizer_groups,
+                                  param_roles)
+from molf_jax.routing import molf_adamw, molf_gate
 from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig, check_adalora_schedule
 from molf_jax.train.platform import with_platform_defaults
 
-__all__ = ["lora_spec", "is_trainable", "make_schedule", "build_optimizer", "loss_regularizer"]
-
-_LORA_LEVEL = re.compile(r"(^|/)lora_\d+/")
+__all__ = ["lora_spec", "mode_roles", "make_schedule", "build_optimizer", "loss_regularizer"]
 
 
 def lora_spec(config: TrainConfig) -> LoraSpec | AdaLoraSpec | None:
@@ -53,31 +52,17 @@ def lora_spec(config: TrainConfig) -> LoraSpec | AdaLoraSpec | None:
                     merged=config.merged_lora and config.mode in FFT_EXPERT_MODES)
 
 
-def is_lora_path(path: str) -> bool:
-    return _LORA_LEVEL.search(path) is not None
+def mode_roles(config: TrainConfig, params: Any) -> Any:
+    """The role of every leaf (`molf_jax.param_roles.ParamRole`) in this mode: what trains,
+    as the table above says, which expert each leaf is, and its AdamW group.
 
-
-def is_trainable(config: TrainConfig, target_linears: set[str]) -> Callable[[str], bool]:
-    """``path -> bool``: whether a leaf trains in this mode.
-
-    Args:
-      target_linears: module paths that carry LoRA experts (their kernel and bias are the base
-        that MoLF-Efficient freezes).
+    Example:
+      >>> roles = mode_roles(TrainConfig(mode="molfe"), params)           # doctest: +SKIP
+      >>> trainable, frozen = split_trainable(params, roles)
     """
-    if config.mode == "fft" or config.mode in FFT_EXPERT_MODES:
-        return lambda path: True
-    if config.mode == "adalora":
-        return is_adalora_path
-    if config.mode == "lora" or not config.train_embeddings_norms:
-        return is_lora_path
-
-    def molfe_with_extras(path: str) -> bool:
-        if is_lora_path(path):
-            return True
-        module = path.rsplit("/", 1)[0]
-        return module not in target_linears
-
-    return molfe_with_extras
+    trains_base = config.mode == "fft" or config.mode in FFT_EXPERT_MODES
+    trains_others = trains_base or (config.mode == "molfe" and config.train_embeddings_norms)
+    return param_roles(params, train_base=trains_base, train_others=trains_others)
 
 
 def make_schedule(config: TrainConfig, peak: float, total_steps: int) -> optax.Schedule:
@@ -98,10 +83,13 @@ def make_schedule(config: TrainConfig, peak: float, total_steps: int) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def build_optimizer(config: TrainConfig, total_steps: int,
+def build_optimizer(config: TrainConfig, total_steps: int, roles: Any,
                     max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation,
                                                                 dict[str, optax.Schedule]]:
-    """The mode's optimizer over the trainable tree, and its schedules by group name."""
+    """The mode's optimizer over the trainable tree, and its schedules by group name.
+
+    ``roles`` (`mode_roles`) give the routing labels and the AdamW group of each leaf.
+    """
     fft_lr = make_schedule(config, config.fft_lr, total_steps)
     lora_lr = make_schedule(config, config.lora_learning_rate, total_steps)
     numerics = with_platform_defaults(config)
@@ -111,24 +99,22 @@ def build_optimizer(config: TrainConfig, total_steps: int,
     def adamw(lr, wd):
         return optax.adamw(lr, weight_decay=wd, mu_dtype=mu_dtype)
 
-    def groups(params) -> Any:
-        return jax.tree_util.tree_map_with_path(lambda p, _: _group(path_to_str(p)), params)
-
+    labels, groups = expert_labels(roles), optimizer_groups(roles)
     if config.mode == "adalora":
         # peft trains every factor with one AdamW; the allocator wraps it.
         tx = adalora_allocate(adamw(lora_lr, config.lora_weight_decay),
                               check_adalora_schedule(config, total_steps))
     elif config.mode in ("molf", "molfe"):
-        tx = molf_adamw(label_lora_experts, fft_learning_rate=fft_lr, lora_learning_rate=lora_lr,
+        tx = molf_adamw(labels, fft_learning_rate=fft_lr, lora_learning_rate=lora_lr,
                         fft_weight_decay=config.fft_weight_decay,
                         lora_weight_decay=config.lora_weight_decay, mu_dtype=mu_dtype,
-                        top_k=config.routing_top_k, score=config.score)
+                        top_k=config.routing_top_k, score=config.score, groups=groups)
     else:
-        tx = optax.partition({"fft": adamw(fft_lr, config.fft_weight_decay),
-                              "fft_no_decay": adamw(fft_lr, 0.0),
-                              "lora": adamw(lora_lr, config.lora_weight_decay)}, groups)
+        tx = optax.partition({FFT: adamw(fft_lr, config.fft_weight_decay),
+                              FFT_NO_DECAY: adamw(fft_lr, 0.0),
+                              LORA: adamw(lora_lr, config.lora_weight_decay)}, groups)
         if config.mode == "molf_gate":
-            tx = optax.chain(molf_gate(label_lora_experts, top_k=config.routing_top_k), tx)
+            tx = optax.chain(molf_gate(labels, top_k=config.routing_top_k), tx)
     if max_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
     return tx, {"fft": fft_lr, "lora": lora_lr}
@@ -140,8 +126,3 @@ def loss_regularizer(config: TrainConfig) -> Callable[[Any], jax.Array] | None:
         return None
     return lambda params: config.orth_reg_weight * orth_regularizer(params)
 
-
-def _group(path: str) -> str:
-    if is_lora_path(path):
-        return "lora"
-    return "fft_no_decay" if default_no_decay(path) else "fft"

@@ -32,7 +32,7 @@ from molf_jax.train.trees import tree_paths
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSource", "resolve_model", "load_tokenizer", "build_params", "dtype_of",
-           "training_model", "training_step", "target_linears", "model_identity"]
+           "training_model", "training_step", "model_identity"]
 
 
 def dtype_of(name: str):
@@ -132,26 +132,21 @@ def training_model(config: TrainConfig, model_config: Any, spec: LoraSpec | None
                               attention_impl=config.attention)
 
 
-def training_step(config: TrainConfig, model, optimizer, trainable_fn, params: Any,
+def training_step(config: TrainConfig, model, optimizer, roles: Any, params: Any,
                   opt_state: Any):
     """The jitted, donating step ``(params, opt_state, batch) -> (params, opt_state, metrics)``
-    that the trainer runs and `scripts/bench.py` times, built from the config alone (plus the
-    trees whose shardings it keeps).
+    that the trainer runs and `scripts/bench.py` times, built from the config and the run's
+    parameter roles (`mode_roles`), plus the trees whose shardings it keeps.
 
     Example:
-      >>> step = training_step(config, model, optimizer, trainable_fn, params, opt_state)  # doctest: +SKIP
+      >>> step = training_step(config, model, optimizer, roles, params, opt_state)  # doctest: +SKIP
     """
     return jit_train_step(make_train_step(
-        model, optimizer, trainable=trainable_fn, seed=config.seed, loss_chunk=config.loss_chunk,
+        model, optimizer, roles=roles, seed=config.seed, loss_chunk=config.loss_chunk,
         dropout=config.mode != "fft" and config.lora_dropout > 0,
         route_fft_column=config.mode in FFT_EXPERT_MODES,
         return_routing=config.mode in ROUTED_MODES and config.routing_log_every > 0,
         regularizer=loss_regularizer(config)), params, opt_state)
-
-
-def target_linears(params: Any) -> set[str]:
-    """Module paths that carry LoRA experts."""
-    return {path.split("/lora_")[0] for path in lora_paths(params)}
 
 
 def model_identity(config: TrainConfig, source: ModelSource, params: Any) -> dict:

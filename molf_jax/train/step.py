@@ -1,7 +1,8 @@
 """The pure training step: ``train_step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
-* Gradients only for trainable leaves: the tree is split by path inside the step and
-  ``value_and_grad`` sees the trainable part alone, so frozen kernels get no gradient buffers.
+* Gradients only for trainable leaves: the tree is split by the run's parameter roles inside
+  the step and ``value_and_grad`` sees the trainable part alone, so frozen kernels get no
+  gradient buffers.
 * Gradient accumulation: ``batch`` arrays are ``[micro, rows, length]``; a ``lax.scan`` sums
   micro-batch gradients and the optimizer (and its schedule) advances once per call.
 * The loss is the mean over all target tokens of the accumulated batch; the model computes it
@@ -24,25 +25,29 @@ from molf_jax.adalora import find_allocator_state, rank_counts
 from molf_jax.models import next_token_loss
 from molf_jax.routing import MolfGateState, MolfRouteState
 from molf_jax.train.mesh import constrain_rows, mesh_of, tracing_mesh
-from molf_jax.train.trees import join_trees, split_tree
+from molf_jax.param_roles import split_trainable
+from molf_jax.train.trees import join_trees
 
 __all__ = ["make_train_step", "jit_train_step", "find_route_state"]
 
 
-_ROUTE_STATES = (MolfRouteState, MolfGateState)
-
-
 def find_route_state(opt_state: Any) -> MolfRouteState | MolfGateState | None:
     """The routing state (`MolfRouteState` or `MolfGateState`) inside an optimizer state, or
-    None; both carry this step's ``winners`` and ``scores``."""
-    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _ROUTE_STATES)):
-        if isinstance(node, _ROUTE_STATES):
-            return node
+    None; both carry this step's ``winners`` and ``scores``.
+
+    Example:
+      >>> find_route_state(optax.adamw(1e-3).init({"w": jnp.zeros(2)})) is None
+      True
+    """
+    for state_type in (MolfRouteState, MolfGateState):
+        found = optax.tree_utils.tree_get(opt_state, state_type.__name__)
+        if found is not None:
+            return found
     return None
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
-                    trainable: Callable[[str], bool], seed: int = 0, loss_chunk: int = 1024,
+                    roles: Any, seed: int = 0, loss_chunk: int = 1024,
                     dropout: bool = True, route_fft_column: bool = False,
                     return_routing: bool = True,
                     regularizer: Callable[[Any], jax.Array] | None = None) -> Callable:
@@ -51,7 +56,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
     Args:
       model: a `molf_jax.models.CausalLM`.
       optimizer: over the trainable part of the params (see `build_optimizer`).
-      trainable: ``path -> bool`` for each leaf of the full params tree.
+      roles: the role of each leaf of the full params tree (`molf_jax.train.mode_roles` or
+        `molf_jax.param_roles.param_roles`); only trainable leaves get gradients.
       seed: dropout keys are ``fold_in(fold_in(key(seed), step), micro)``.
       loss_chunk: tokens per logits chunk in the loss.
       dropout: run the model in training mode (LoRA dropout).
@@ -67,7 +73,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
       (int32 scalar, the optimizer step about to be taken).
 
     Example:
-      >>> step = jax.jit(make_train_step(model, tx, trainable=lambda p: True),
+      >>> step = jax.jit(make_train_step(model, tx, roles=mode_roles(config, params)),
       ...                donate_argnums=(0, 1))                    # doctest: +SKIP
     """
     def micro_loss(train_params, frozen_params, ids, mask, loss_mask, key):
@@ -84,7 +90,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(params, opt_state, batch):
-        train_params, frozen_params = split_tree(params, trainable)
+        train_params, frozen_params = split_trainable(params, roles)
         step_key = jax.random.fold_in(jax.random.key(seed), batch["step"])
 
         def accumulate(carry, xs):

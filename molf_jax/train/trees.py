@@ -1,41 +1,24 @@
-"""Splitting a parameter tree into trainable and frozen parts, and joining them back."""
+"""Joining a tree split by `molf_jax.param_roles.split_trainable`, leaf paths, counts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-from molf_jax.routing._labels import path_to_str
+from molf_jax.routing import path_to_str
 
-__all__ = ["split_tree", "join_trees", "tree_paths", "count_params"]
-
-
-def split_tree(tree: Mapping, keep: Callable[[str], bool]) -> tuple[dict, dict]:
-    """Splits nested dicts by leaf path into (kept, rest); empty branches are dropped.
-
-    Example:
-      >>> split_tree({"a": {"x": 1, "y": 2}}, lambda p: p.endswith("x"))
-      ({'a': {'x': 1}}, {'a': {'y': 2}})
-    """
-    kept, rest = {}, {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            k, r = split_tree(value, lambda p, key=key: keep(f"{key}/{p}"))
-            if k:
-                kept[key] = k
-            if r:
-                rest[key] = r
-        elif keep(str(key)):
-            kept[key] = value
-        else:
-            rest[key] = value
-    return kept, rest
+__all__ = ["join_trees", "tree_paths", "count_params"]
 
 
 def join_trees(a: Mapping, b: Mapping) -> dict:
-    """Inverse of `split_tree`: the union of two nested dicts with disjoint leaves."""
+    """Inverse of `split_trainable`: the union of two nested dicts with disjoint leaves.
+
+    Example:
+      >>> join_trees({"a": {"x": 1}}, {"a": {"y": 2}})
+      {'a': {'x': 1, 'y': 2}}
+    """
     out = dict(a)
     for key, value in b.items():
         if key in out:
