@@ -1,14 +1,14 @@
 """Which offline Med facts does the base model already know? Writes known_cases.json.
 
 A fact is known when greedy decoding from its cloze prompt writes the answer (then no further
-letter or digit): "2 + 2 =" -> " 4", 'The opposite of "hot" is "' -> 'cold"'. All 2,979
+letter or digit): "2 + 2 =" -> " 4", 'The opposite of "hot" is "' -> 'cold"'. All 3,371
 candidates of ``molf_jax.data._offline_mcq.candidates()`` are checked with one teacher-forced
 forward pass per batch (``molf_jax.eval.teacher_forced_argmax``), which decides exactly what
 greedy decoding would write, without generating token by token. The offline Med task keeps the
 known facts, so it teaches the multiple-choice format over knowledge the model has (issue 17's
 LoRA-favouring task).
 
-  python scripts/known_facts.py                      # the embedded Gemma 3 270M, ~all cores
+  python scripts/known_facts.py                      # the embedded Gemma 3 270M (585 s, 2 cores)
   python scripts/known_facts.py --cross-check 200    # also generate 200 facts greedily, compare
 """
 

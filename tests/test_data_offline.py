@@ -93,6 +93,7 @@ def test_mcq_splits_share_no_fact_and_keep_only_known_facts():
     assert not train_facts & {r["fact_id"] for r in data.eval}
     known = _offline_mcq.known_clozes()
     if known is not None:  # written by scripts/known_facts.py with the embedded model
+        assert known <= {f.cloze for f in _offline_mcq.candidates()}  # not stale
         assert {r["fact_id"] for r in data.train + data.eval} <= known
         assert len(data.eval) >= 400
     everything = _offline_mcq.generate(size=60, seed=3, known_only=False)

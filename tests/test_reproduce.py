@@ -117,6 +117,16 @@ def test_adalora_is_planned_and_compared_with_molfe():
     assert task["claims"]["molfe_beats_adalora"] == "yes"
 
 
+def test_every_real_task_holds_out_at_least_400_test_cases():
+    from molf_jax.data import load_task
+
+    for task, size in reproduce.PRESETS["h200"].items():  # issue 17: >= 400 per task
+        extra = {"eval_size": size.eval_size} if size.eval_size else {}
+        records = load_task(task, "offline", size=size.task_size, seed=0, **extra).eval
+        test = len(records) - size.val if size.test is None else size.test
+        assert len(records) >= size.val + test and test >= 400, (task, len(records))
+
+
 def test_readme_speed_tables_are_the_scripts_output(capsys):
     """The README's speed tables are pasted output, never typed by hand."""
     readme = (ROOT / "README.md").read_text()

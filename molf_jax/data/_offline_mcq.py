@@ -6,7 +6,7 @@ fine-tuning only has to map knowledge the model holds onto an answer letter. Tha
 paper expects LoRA's low-rank update to suffice and full fine-tuning to forget more.
 
 Candidates come from a few families of common knowledge (sums, differences and products of small
-numbers, capitals, opposites), each with a cloze prompt, an answer and three plausible
+numbers, the next number of a count, capitals, opposites, past tenses, plurals), each with a cloze prompt, an answer and three plausible
 distractors. ``known_cases.json`` beside this file lists the cloze prompts that Gemma 3 270M (the
 project's embedded model) completes correctly with greedy decoding (the answer, then no further
 letter or digit); it is written by ``python scripts/known_facts.py`` with that model.
@@ -62,6 +62,45 @@ _OPPOSITES = (
     ("love", "hate"), ("friend", "enemy"), ("question", "answer"), ("first", "last"),
     ("good", "bad"), ("black", "white"), ("alive", "dead"), ("safe", "dangerous"),
     ("sweet", "sour"), ("always", "never"), ("before", "after"), ("above", "below"),
+)
+
+_PAST_TENSES = (
+    ("go", "went"), ("eat", "ate"), ("see", "saw"), ("take", "took"), ("give", "gave"),
+    ("come", "came"), ("run", "ran"), ("swim", "swam"), ("sing", "sang"), ("drink", "drank"),
+    ("write", "wrote"), ("drive", "drove"), ("ride", "rode"), ("speak", "spoke"),
+    ("break", "broke"), ("choose", "chose"), ("freeze", "froze"), ("steal", "stole"),
+    ("wake", "woke"), ("fly", "flew"), ("grow", "grew"), ("know", "knew"), ("throw", "threw"),
+    ("draw", "drew"), ("blow", "blew"), ("begin", "began"), ("ring", "rang"), ("sit", "sat"),
+    ("get", "got"), ("forget", "forgot"), ("find", "found"), ("buy", "bought"),
+    ("bring", "brought"), ("think", "thought"), ("fight", "fought"), ("catch", "caught"),
+    ("teach", "taught"), ("sell", "sold"), ("tell", "told"), ("hold", "held"),
+    ("stand", "stood"), ("understand", "understood"), ("feel", "felt"), ("keep", "kept"),
+    ("sleep", "slept"), ("leave", "left"), ("meet", "met"), ("send", "sent"),
+    ("spend", "spent"), ("build", "built"), ("lose", "lost"), ("make", "made"),
+    ("pay", "paid"), ("say", "said"), ("hear", "heard"), ("win", "won"), ("fall", "fell"),
+    ("wear", "wore"), ("tear", "tore"), ("bite", "bit"), ("hide", "hid"), ("shake", "shook"),
+    ("walk", "walked"), ("play", "played"), ("jump", "jumped"), ("talk", "talked"),
+    ("watch", "watched"), ("open", "opened"), ("call", "called"), ("help", "helped"),
+    ("cook", "cooked"), ("clean", "cleaned"), ("dance", "danced"), ("smile", "smiled"),
+    ("live", "lived"), ("love", "loved"), ("stop", "stopped"), ("plan", "planned"),
+    ("cry", "cried"), ("study", "studied"), ("carry", "carried"), ("try", "tried"),
+)
+_PLURALS = (
+    ("child", "children"), ("man", "men"), ("woman", "women"), ("mouse", "mice"),
+    ("foot", "feet"), ("tooth", "teeth"), ("goose", "geese"), ("person", "people"),
+    ("ox", "oxen"), ("leaf", "leaves"), ("knife", "knives"), ("wife", "wives"),
+    ("life", "lives"), ("wolf", "wolves"), ("half", "halves"), ("shelf", "shelves"),
+    ("loaf", "loaves"), ("cactus", "cacti"), ("box", "boxes"), ("bus", "buses"),
+    ("church", "churches"), ("dish", "dishes"), ("glass", "glasses"), ("fox", "foxes"),
+    ("watch", "watches"), ("city", "cities"), ("baby", "babies"), ("party", "parties"),
+    ("story", "stories"), ("country", "countries"), ("lady", "ladies"), ("family", "families"),
+    ("potato", "potatoes"), ("tomato", "tomatoes"), ("hero", "heroes"), ("cat", "cats"),
+    ("dog", "dogs"), ("book", "books"), ("car", "cars"), ("tree", "trees"), ("house", "houses"),
+    ("apple", "apples"), ("bird", "birds"), ("chair", "chairs"), ("table", "tables"),
+    ("horse", "horses"), ("flower", "flowers"), ("river", "rivers"), ("friend", "friends"),
+    ("teacher", "teachers"), ("day", "days"), ("boy", "boys"), ("girl", "girls"),
+    ("key", "keys"), ("toy", "toys"), ("pen", "pens"), ("star", "stars"), ("shoe", "shoes"),
+    ("hand", "hands"), ("eye", "eyes"),
 )
 
 
@@ -124,6 +163,24 @@ def candidates() -> list[Candidate]:
         others = [w for w in words_pool if w not in (first, second)]
         out.append(Candidate("opposite", f'The opposite of "{first}" is "', second, question,
                              tuple(rng.sample(others, 3))))
+    # Families added later come last, so the facts above (and their draws of rng) never change.
+    for start in range(10, 260):
+        counted = ", ".join(str(n) for n in range(start - 3, start)) + ","
+        question = rng.choice(("What number comes right after {n}?",
+                               "Which number follows {n}?", "{n} plus one is:")).format(n=start - 1)
+        out.append(Candidate("next number", counted, str(start), question,
+                             _number_distractors(rng, start)))
+    for family, pairs, template, asks in (
+        ("past tense", _PAST_TENSES, 'The past tense of "{w}" is "',
+         ('What is the past tense of "{w}"?', 'The past tense of "{w}" is:')),
+        ("plural", _PLURALS, 'The plural of "{w}" is "',
+         ('What is the plural of "{w}"?', 'The plural of "{w}" is:')),
+    ):
+        forms = sorted({form for _, form in pairs})
+        for word, form in pairs:
+            out.append(Candidate(family, template.format(w=word), form,
+                                 rng.choice(asks).format(w=word),
+                                 tuple(rng.sample([f for f in forms if f != form], 3))))
     return out
 
 

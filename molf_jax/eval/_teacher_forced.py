@@ -3,7 +3,7 @@
 Greedy decoding writes ``completion`` after ``prompt`` exactly when, fed ``prompt + completion``,
 the model's argmax at each position is the next completion token: every greedy step then sees
 the same tokens the forced pass saw. So one batched forward pass checks many prompts at once,
-where generation needs a pass per new token (``scripts/known_facts.py`` checks 2,979 Med facts
+where generation needs a pass per new token (``scripts/known_facts.py`` checks 3,371 Med facts
 this way). The check is on token ids: a model that would spell the same text with other tokens
 does not count as writing it.
 """
