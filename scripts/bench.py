@@ -29,15 +29,12 @@ import numpy as np
 import optax
 
 from molf_jax import models
+from molf_jax.train import (ATTENTION, DTYPES, MODES, PLATFORM_DEFAULTS, REMAT, ROUTED_MODES,
+                            TrainConfig, batch_sharding, build_optimizer, count_params, lora_spec,
+                            make_mesh, mode_roles, on_mesh, param_sharding, split_trainable,
+                            training_model, training_step, with_platform_defaults)
 from molf_jax.adalora import AdaLoraSpec, add_adalora
 from molf_jax.lora import LoraSpec, add_lora_experts
-from molf_jax.train import TrainConfig, build_optimizer, mode_roles, split_trainable
-from molf_jax.train.config import ATTENTION, DTYPES, MODES, REMAT, ROUTED_MODES
-from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding
-from molf_jax.train.modes import lora_spec
-from molf_jax.train.platform import PLATFORM_DEFAULTS, with_platform_defaults
-from molf_jax.train.setup import training_model, training_step
-from molf_jax.train.trees import count_params
 
 PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md section 4)
 

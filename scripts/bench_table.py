@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from molf_jax.models import preset
-from molf_jax.train.config import FFT_EXPERT_MODES
+from molf_jax.train import FFT_EXPERT_MODES
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench_results"
 AUTHORS = {"fft": "fft", "lora": "lora_r32", "molf": "molf_fft_plus_r128_epd_top1",

@@ -43,8 +43,8 @@ import jax  # noqa: E402
 
 import bench  # noqa: E402  (scripts/bench.py)
 from molf_jax.models import preset  # noqa: E402
-from molf_jax.train import split_trainable  # noqa: E402
-from molf_jax.train.mesh import on_mesh, param_sharding, parse_mesh  # noqa: E402
+from molf_jax.train import (on_mesh, param_sharding, parse_mesh,  # noqa: E402
+                            split_trainable)
 
 KINDS = {"all-gather": "all-gather", "reduce-scatter": "reduce-scatter",
          "all-reduce": "all-reduce", "all-to-all": "all-to-all", "collective-permute": "permute"}

@@ -59,18 +59,14 @@ def known_by_generating(facts, model, params, tokenizer, *, batch_size: int) -> 
 
 
 def _model(name: str):
-    import jax
-
     from molf_jax import models
-    from molf_jax.train import TrainConfig
-    from molf_jax.train.mesh import make_mesh
-    from molf_jax.train.setup import build_params, load_tokenizer, resolve_model
+    from molf_jax.train import TrainConfig, assemble_run, make_mesh
 
-    source = resolve_model(name)
     config = TrainConfig(mode="fft", model=name, mesh="data=1,fsdp=1,tensor=1")
-    params, _ = build_params(config, source, make_mesh(config.mesh), rng=jax.random.key(0))
-    model = models.build_model(source.config, scan_layers=config.scan_layers)
-    return model, params, load_tokenizer(source)
+    run = assemble_run(config, make_mesh(config.mesh))
+    # Generation runs build_model's default model, not the run's training model.
+    model = models.build_model(run.source.config, scan_layers=config.scan_layers)
+    return model, run.params, run.tokenizer
 
 
 def main(argv=None) -> None:

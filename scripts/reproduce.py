@@ -119,7 +119,7 @@ def setting_label(setting: dict[str, Any]) -> str:
 
 
 def methods_available() -> dict[str, list[dict[str, Any]]]:
-    from molf_jax.train.config import MODES
+    from molf_jax.train import MODES
 
     return {**METHODS, **({"adalora": ADALORA} if "adalora" in MODES else {})}
 
@@ -258,11 +258,8 @@ def run_job(job: Job, out_dir: Path) -> dict[str, Any]:
     from molf_jax import models
     from molf_jax.data import load_task
     from molf_jax.run_dir import RunDir
-    from molf_jax.train import TrainConfig, train
-    from molf_jax.train.export import load_run, merge_adapters
-    from molf_jax.train.mesh import make_mesh
-    from molf_jax.train.platform import PLATFORM_DEFAULTS
-    from molf_jax.train.setup import build_params, load_tokenizer, resolve_model
+    from molf_jax.train import (PLATFORM_DEFAULTS, TrainConfig, assemble_run, load_run, make_mesh,
+                                merge_adapters, train)
 
     size = job.size
     run_dir = out_dir / "runs" / job.name
@@ -280,10 +277,8 @@ def run_job(job: Job, out_dir: Path) -> dict[str, Any]:
     started = time.time()
     if job.method == "base":
         config = TrainConfig(mode="fft", **common)
-        source = resolve_model(job.model)
-        params, _ = build_params(config, source, make_mesh(config.mesh),
-                                 rng=jax.random.key(job.seed))
-        tokenizer, model_config = load_tokenizer(source), source.config
+        base = assemble_run(config, make_mesh(config.mesh))
+        params, tokenizer, model_config = base.params, base.tokenizer, base.source.config
     else:
         config = TrainConfig(**common, **job.setting, eval_before_after=False, export=False,
                              keep_checkpoints=1, **({"steps": 3} if job.smoke else {}))
@@ -684,7 +679,7 @@ def main(argv=None) -> None:
             from molf_jax.checkpoints import default_model_dir
 
             args.model = str(default_model_dir())  # convert once, before the workers start
-        from molf_jax.train.config import TrainConfig
+        from molf_jax.train import TrainConfig
 
         TrainConfig(score=args.score)  # an unresolvable --score stops here, not in a worker
         plan = Plan(tasks=tuple(args.tasks),

@@ -6,23 +6,35 @@ Example:
 """
 
 # Configuration and the run.
-from molf_jax.train.config import ConfigError, TrainConfig
+from molf_jax.train.config import (ATTENTION, DTYPES, FFT_EXPERT_MODES, MODES, REMAT,
+                                   ROUTED_MODES, ConfigError, TrainConfig)
+from molf_jax.train.platform import PLATFORM_DEFAULTS, with_platform_defaults
+from molf_jax.train.setup import Run, assemble_run, training_model, training_step
 from molf_jax.train.loop import NonFiniteLossError, RunSummary, train
-from molf_jax.train.export import RunArtifacts, adapter_refusal, export_artifacts, load_run
+from molf_jax.train.export import (RunArtifacts, adapter_refusal, export_artifacts, load_run,
+                                   merge_adapters)
 from molf_jax.train.checkpoint import ResumeError, RunCheckpointer
 
-# Building blocks for custom loops.
+# Building blocks for custom loops and scripts.
 from molf_jax.train.step import find_route_state, make_train_step
 from molf_jax.train.modes import build_optimizer, lora_spec, make_schedule, mode_roles
 from molf_jax.param_roles import ParamRole, split_trainable
-from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding
+from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding, parse_mesh
 from molf_jax.train.trees import count_params, join_trees
 
 __all__ = [
+    "ATTENTION",
+    "DTYPES",
+    "FFT_EXPERT_MODES",
+    "MODES",
+    "PLATFORM_DEFAULTS",
+    "REMAT",
+    "ROUTED_MODES",
     "ConfigError",
     "NonFiniteLossError",
     "ParamRole",
     "ResumeError",
+    "Run",
     "RunArtifacts",
     "RunCheckpointer",
     "RunSummary",
@@ -31,6 +43,7 @@ __all__ = [
     "build_optimizer",
     "count_params",
     "adapter_refusal",
+    "assemble_run",
     "export_artifacts",
     "find_route_state",
     "join_trees",
@@ -39,8 +52,14 @@ __all__ = [
     "make_mesh",
     "make_schedule",
     "make_train_step",
+    "merge_adapters",
     "mode_roles",
+    "on_mesh",
     "param_sharding",
+    "parse_mesh",
     "split_trainable",
     "train",
+    "training_model",
+    "training_step",
+    "with_platform_defaults",
 ]

@@ -24,8 +24,8 @@ from molf_jax.param_roles import LORA, split_trainable
 from molf_jax.train.checkpoint import RunCheckpointer
 from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig, check_adalora_schedule
 from molf_jax.train.mesh import make_mesh
-from molf_jax.train.modes import build_optimizer, mode_roles
-from molf_jax.train.setup import build_params, load_tokenizer, model_identity, resolve_model
+from molf_jax.train.modes import build_optimizer
+from molf_jax.train.setup import assemble_run, model_identity
 from molf_jax.train.trees import join_trees, tree_paths
 
 EXPORT_DTYPES = ("bfloat16", "float32")
@@ -172,27 +172,24 @@ def load_run(run_dir) -> RunArtifacts:
         if raw.get(key) is not None:
             raw[key] = tuple(raw[key])
     config = TrainConfig(**raw).replace(mesh="data=1,fsdp=-1,tensor=1")
-    source = resolve_model(config.model)
-    mesh = make_mesh(config.mesh)
-    params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
-    roles = mode_roles(config, params)
-    trainable, frozen = split_trainable(params, roles)
+    run = assemble_run(config, make_mesh(config.mesh))
+    trainable, frozen = split_trainable(run.params, run.roles)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
     try:
         # AdaLoRA's schedule needs the run's step count: --steps, or the last checkpoint's.
         total_steps = config.steps or checkpointer.latest_step() or 1
-        optimizer, _ = build_optimizer(config, total_steps=total_steps, roles=roles)
+        optimizer, _ = build_optimizer(config, total_steps=total_steps, roles=run.roles)
         opt_state = jax.eval_shape(optimizer.init, trainable)
         opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
         trainable, opt_state, _ = checkpointer.restore(
-            trainable, opt_state, identity=model_identity(config, source, params))
+            trainable, opt_state, identity=model_identity(config, run.source, run.params))
     finally:
         checkpointer.close()
     params = join_trees(trainable, frozen)
     pattern = None
-    if isinstance(spec, AdaLoraSpec):
+    if isinstance(run.lora, AdaLoraSpec):
         params, pattern = apply_rank_pattern(params, opt_state), rank_pattern(opt_state)
-    return RunArtifacts(config=config, model_config=source.config, params=params, lora=spec,
-                        roles=roles, mode=config.mode, source_dir=source.hf_dir,
-                        tokenizer=load_tokenizer(source), total_steps=total_steps,
-                        rank_pattern=pattern)
+    return RunArtifacts(config=config, model_config=run.source.config, params=params,
+                        lora=run.lora, roles=run.roles, mode=config.mode,
+                        source_dir=run.source.hf_dir, tokenizer=run.tokenizer,
+                        total_steps=total_steps, rank_pattern=pattern)

@@ -23,6 +23,7 @@ from molf_jax.adalora import (apply_rank_pattern, find_allocator_state, rank_mod
                               rank_pattern)
 from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fixed_lengths,
                            load_task, pad_token_id)
+from molf_jax.lora import expert_key
 from molf_jax.paths import writable_folder
 from molf_jax.run_dir import RunDir
 from molf_jax.param_roles import expert_labels, split_trainable
@@ -31,10 +32,9 @@ from molf_jax.train.checkpoint import RunCheckpointer
 from molf_jax.train.config import ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import (batch_divisor, batch_sharding, initialize_distributed,
                                  make_mesh, on_mesh)
-from molf_jax.train.modes import build_optimizer, mode_roles
+from molf_jax.train.modes import build_optimizer
 from molf_jax.train.platform import describe_numerics, with_platform_defaults
-from molf_jax.train.setup import (build_params, load_tokenizer, model_identity, resolve_model,
-                                  training_model, training_step)
+from molf_jax.train.setup import assemble_run, model_identity, training_step
 from molf_jax.train.trees import count_params, join_trees
 from molf_jax.train.runlog import RunLog
 
@@ -114,7 +114,7 @@ def _to_devices(array: np.ndarray, sharding) -> jax.Array:
 
 
 def _expert_labels(config: TrainConfig) -> list[str]:
-    return ["fft"] + [f"lora_{i} (r={r})" for i, r in enumerate(config.ranks, start=1)]
+    return ["fft"] + [f"{expert_key(i)} (r={r})" for i, r in enumerate(config.ranks, start=1)]
 
 
 def total_optimizer_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -148,8 +148,9 @@ def train(config: TrainConfig) -> RunSummary:
         raise ConfigError(f"--batch-size {config.batch_size} must divide over the mesh's "
                           f"data x fsdp = {rows_divisor} devices")
 
-    source = resolve_model(config.model)
-    tokenizer = load_tokenizer(source)
+    run = assemble_run(config, mesh)
+    source, tokenizer, model, params, roles = (run.source, run.tokenizer, run.model, run.params,
+                                               run.roles)
     encoded, eval_records = prepare_data(config, tokenizer)
     # A few fixed batch lengths (the cap and its halvings; the longest example's without a
     # cap): the step compiles at most four times, whatever the data.
@@ -160,9 +161,6 @@ def train(config: TrainConfig) -> RunSummary:
         lengths=fixed_lengths(config.length_cap or max(len(e) for e in encoded)))
     total_steps = total_optimizer_steps(config, iterator.steps_per_epoch)
 
-    params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
-    model = training_model(config, source.config, spec)
-    roles = mode_roles(config, params)
     optimizer, schedules = build_optimizer(config, total_steps, roles)
     trainable, frozen = split_trainable(params, roles)
     opt_state = on_mesh(jax.jit(optimizer.init)(trainable), mesh)
@@ -203,11 +201,6 @@ def train(config: TrainConfig) -> RunSummary:
          f"{total_steps} optimizer steps of "
          f"{config.batch_size} x {config.grad_accum} rows; mesh {dict(mesh.shape)}")
 
-    if source.name == "default" and config.mode == "molf" and config.steps is None and \
-            config.task_size == TrainConfig.task_size and config.epochs == TrainConfig.epochs:
-        _say("main job: with these settings about 5 minutes on a 2-core CPU (measured: model "
-             "conversion 45 s the first time, evaluations 35 s each, compilation 1 min, "
-             "24 steps of ~7 s, export); the progress bar shows the ETA")
     eval_before = before.eval_before
     if config.eval_before_after and start_step == 0:
         t0 = time.time()
@@ -269,13 +262,14 @@ def train(config: TrainConfig) -> RunSummary:
     if config.export and jax.process_index() == 0:
         from molf_jax.train.export import RunArtifacts, export_artifacts
 
-        run = RunArtifacts(config=config, model_config=source.config, params=params, lora=spec,
-                           roles=roles, mode=config.mode, source_dir=source.hf_dir,
-                           tokenizer=tokenizer, total_steps=total_steps)
+        artifacts = RunArtifacts(config=config, model_config=source.config, params=params,
+                                 lora=run.lora, roles=roles, mode=config.mode,
+                                 source_dir=source.hf_dir, tokenizer=tokenizer,
+                                 total_steps=total_steps)
         if allocator is not None:
-            run.params = apply_rank_pattern(params, opt_state)
-            run.rank_pattern = rank_pattern(opt_state)
-        written, note = export_artifacts(run, run_dir)
+            artifacts.params = apply_rank_pattern(params, opt_state)
+            artifacts.rank_pattern = rank_pattern(opt_state)
+        written, note = export_artifacts(artifacts, run_dir)
         summary.merged_dir = str(written["merged"])
         summary.adapter_dir = str(written["adapter"]) if "adapter" in written else None
     if primary:

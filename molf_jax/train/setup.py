@@ -1,7 +1,8 @@
-"""Building what a run needs from its config: model source, tokenizer, data, params, optimizer.
+"""A run assembled from its config in one place: model source, tokenizer, params, model, roles.
 
-Shared by the training loop (`molf_jax.train.loop`) and by `load_run`, which rebuilds a finished
-run's parameters for export.
+`assemble_run` serves the training loop (`molf_jax.train.loop`), `load_run` (export) and
+`scripts/reproduce.py`; `training_model` and `training_step` build the model and the jitted step
+that the loop runs and `scripts/bench.py` times.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from molf_jax.checkpoints import load_hf
 from molf_jax.lora import LoraSpec, add_lora_experts, lora_paths
 from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import param_sharding
-from molf_jax.train.modes import lora_spec, loss_regularizer
+from molf_jax.train.modes import lora_spec, loss_regularizer, mode_roles
 from molf_jax.train.platform import with_platform_defaults
 from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.train.trees import tree_paths
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSource", "resolve_model", "load_tokenizer", "build_params", "dtype_of",
-           "training_model", "training_step", "model_identity"]
+__all__ = ["ModelSource", "Run", "assemble_run", "resolve_model", "load_tokenizer",
+           "build_params", "dtype_of", "training_model", "training_step", "model_identity"]
 
 
 def dtype_of(name: str):
@@ -115,6 +116,45 @@ def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Arr
                               "this model")
         params = jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
     return params, spec
+
+
+@dataclasses.dataclass
+class Run:
+    """What a run is made of before it trains.
+
+    Attributes:
+      config: the `TrainConfig`.
+      source: where the base model comes from (`ModelSource`: name, HF folder, model config).
+      tokenizer: the folder's tokenizer (byte-level for random-init presets).
+      model: the training model (`training_model`), with the mode's LoRA experts.
+      params: base params on the mesh plus the LoRA experts.
+      lora: the mode's `LoraSpec` (None for fft).
+      roles: every leaf's `ParamRole` (`mode_roles`: what trains, which expert, which group).
+    """
+
+    config: TrainConfig
+    source: ModelSource
+    tokenizer: Any
+    model: Any
+    params: Any
+    lora: LoraSpec | None
+    roles: Any
+
+
+def assemble_run(config: TrainConfig, mesh) -> Run:
+    """Resolves the model, loads the params onto ``mesh`` with the mode's LoRA experts (keyed
+    by ``config.seed``), builds the training model, loads the tokenizer and computes the
+    parameter roles.
+
+    Example:
+      >>> run = assemble_run(TrainConfig(mode="molfe"), make_mesh("fsdp=-1"))   # doctest: +SKIP
+      >>> optimizer, schedules = build_optimizer(run.config, 100, run.roles)    # doctest: +SKIP
+    """
+    source = resolve_model(config.model)
+    params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
+    return Run(config=config, source=source, tokenizer=load_tokenizer(source),
+               model=training_model(config, source.config, spec), params=params, lora=spec,
+               roles=mode_roles(config, params))
 
 
 def training_model(config: TrainConfig, model_config: Any, spec: LoraSpec | None):
