@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from molf_jax import models
+from molf_jax.adalora import AdaLoraSpec, add_adalora
 from molf_jax.lora import LoraExpert, LoraSpec, add_lora_experts, lora_paths
 from molf_jax.param_roles import expert_labels, optimizer_groups, split_trainable
 from molf_jax.routing import ExpertLabel
@@ -12,14 +13,17 @@ from molf_jax.train import TrainConfig, mode_roles
 from molf_jax.train.trees import tree_paths
 
 
-def tiny_params(scan=False):
+def tiny_base(scan=False):
     config = models.Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=12,
                                 num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
                                 tie_word_embeddings=False)
-    base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), models.abstract_params(
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), models.abstract_params(
         models.build_model(config, scan_layers=scan)))
+
+
+def tiny_params(scan=False):
     spec = LoraSpec(experts=(LoraExpert(2, 4), LoraExpert(4, 4)))
-    return add_lora_experts(base, spec, jax.random.key(0))
+    return add_lora_experts(tiny_base(scan), spec, jax.random.key(0))
 
 
 def trainable_paths(config, params):
@@ -40,6 +44,19 @@ def test_each_mode_trains_the_leaves_its_table_row_names():
     assert trainable_paths(TrainConfig(mode="molfe"), params) == lora
     assert trainable_paths(TrainConfig(mode="molfe", train_embeddings_norms=True),
                            params) == lora | others
+
+
+def test_adalora_trains_its_triplets_alone_in_the_lora_group():
+    params = add_adalora(tiny_base(), AdaLoraSpec(init_r=2), jax.random.key(0))
+    every = set(tree_paths(params))
+    triplets = {p for p in every if "/adalora/" in p}
+    assert len(triplets) == 2 * 7 * 3  # layers x projections x (a, e, b)
+    roles = mode_roles(TrainConfig(mode="adalora"), params)
+    assert set(tree_paths(split_trainable(params, roles)[0])) == triplets
+    groups = optimizer_groups(roles)
+    assert set(jax.tree.leaves(groups)) == {"lora"}
+    assert all(label is None for label in jax.tree.leaves(
+        expert_labels(roles), is_leaf=lambda x: x is None))
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
