@@ -127,8 +127,8 @@ class Run:
       source: where the base model comes from (`ModelSource`: name, HF folder, model config).
       tokenizer: the folder's tokenizer (byte-level for random-init presets).
       model: the training model (`training_model`), with the mode's LoRA experts.
-      params: base params on the mesh plus the LoRA experts.
-      lora: the mode's `LoraSpec` (None for fft).
+      params: base params on the mesh plus the mode's adapters.
+      lora: the mode's `LoraSpec` (`AdaLoraSpec` for adalora, None for fft).
       roles: every leaf's `ParamRole` (`mode_roles`: what trains, which expert, which group).
     """
 
@@ -137,7 +137,7 @@ class Run:
     tokenizer: Any
     model: Any
     params: Any
-    lora: LoraSpec | None
+    lora: LoraSpec | AdaLoraSpec | None
     roles: Any
 
 
