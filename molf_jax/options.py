@@ -27,11 +27,13 @@ from typing import Any
 
 __all__ = ["add_arguments", "choices_of", "from_arguments", "option"]
 
-_HELP, _CHOICES, _FLAG, _GROUP, _DEFAULT_TEXT = "help", "choices", "flag", "group", "default_text"
+_HELP, _CHOICES, _FLAG, _GROUP = "help", "choices", "flag", "group"
+_DEFAULT_TEXT, _REQUIRED = "default_text", "required"
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
-           group: str | None = None, default_text: str | None = None) -> Any:
+           group: str | None = None, default_text: str | None = None,
+           required: bool = False) -> Any:
     """A dataclass field that is also a command-line flag.
 
     Args:
@@ -44,13 +46,14 @@ def option(default: Any, help: str, *, choices: tuple | None = None, flag: str |
       group: starts a new ``--help`` section at this field; later fields stay in it.
       default_text: how ``--help`` shows a default that needs words (e.g. None meaning
         "per mode").
+      required: the command line must give the flag.
 
     Example:
       >>> option(8, "rows per batch").metadata["help"]
       'rows per batch'
     """
     metadata = {_HELP: help, _CHOICES: choices, _FLAG: flag, _GROUP: group,
-                _DEFAULT_TEXT: default_text}
+                _DEFAULT_TEXT: default_text, _REQUIRED: required}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -59,8 +62,15 @@ def choices_of(cls: type, name: str) -> tuple | None:
     return next(f.metadata.get(_CHOICES) for f in dataclasses.fields(cls) if f.name == name)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds one flag per `option` field of dataclass ``cls`` (see the module example)."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *,
+                  check_choices: bool = False) -> None:
+    """Adds one flag per `option` field of dataclass ``cls`` (see the module example).
+
+    Args:
+      check_choices: argparse refuses values outside a field's choices (for a dataclass that
+        does not check them itself); by default they reach the dataclass, whose own check
+        says what is wrong.
+    """
     group = parser
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -78,10 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             group.add_argument(flag, dest=field.name, help=meta[_HELP],
                                action="store_false" if field.default else "store_true")
             continue
-        help_text = meta[_HELP] + _default_text(field, meta)
+        help_text = meta[_HELP] + ("" if meta[_REQUIRED] else _default_text(field, meta))
         kwargs: dict[str, Any] = {"dest": field.name, "type": kind, "help": help_text,
-                                  "default": field.default}
-        if meta[_CHOICES]:
+                                  "default": field.default, "required": meta[_REQUIRED]}
+        if meta[_CHOICES] and check_choices:
+            kwargs["choices"] = meta[_CHOICES]
+        elif meta[_CHOICES]:
             kwargs["metavar"] = "{" + ",".join(map(str, meta[_CHOICES])) + "}"
         if many:
             kwargs["nargs"] = "+"

@@ -195,6 +195,8 @@ def test_eval_command_registers_its_arguments():
     assert args.func.__name__ == "main" and args.func.__module__ == "molf_jax.cli.eval"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--task", "math"])
+    with pytest.raises(SystemExit):  # --task is required
+        parser.parse_args(["eval", "--model", "m"])
 
 
 def test_eval_command_scores_an_hf_folder_and_appends_rows(tiny_model, tmp_path, capsys):

@@ -15,6 +15,7 @@ paper data and ``med-offline`` for the offline twin.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from molf_jax.data import PROTOCOLS, TASKS
 from molf_jax.eval._results import check_results_file
+from molf_jax.options import add_arguments, from_arguments, option
 from molf_jax.paths import PathError
 from molf_jax.train.config import TrainConfig
 
@@ -30,8 +32,37 @@ from molf_jax.train.config import TrainConfig
 _TRAIN_DEFAULTS = TrainConfig()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """What ``molf-jax eval`` scores and where the rows go: one flag per field."""
+
+    model: str = option(None, "HF-format folder (config + safetensors)", required=True)
+    task: str = option(None, "the task to score", choices=TASKS, required=True)
+    source: str = option("offline", "'offline' (generated), a hub dataset name, or a local "
+                         "json/jsonl/parquet/folder")
+    protocol: str | None = option(
+        None, "prompts, tokens and scoring: 'authors' (their code's; their metrics, named "
+        "authors_*, printed beside ours) or 'molf_jax'", choices=PROTOCOLS,
+        default_text="authors for paper data, molf_jax for offline tasks")
+    size: int = option(_TRAIN_DEFAULTS.task_size,
+                       "records the offline generator makes (as molf-jax train)")
+    seed: int = option(_TRAIN_DEFAULTS.seed, "offline generation / split seed")
+    split: str = option("eval", "which split to score", choices=("eval", "train"))
+    limit: int = option(_TRAIN_DEFAULTS.eval_limit, "score only the first N records (the cases "
+                        "molf-jax train scores; 0: all)")
+    cop_base: int = option(0, "MedMCQA 'cop' index base")
+    no_sql_context: bool = option(False, "SQL prompts without schema")
+    batch_size: int = option(8, "prompts per batch")
+    max_new_tokens: int | None = option(None, "generation budget",
+                                        default_text="256 for sql, 8 for med")
+    results: str | None = option(None, "CSV or JSONL file to append rows to")
+    name: str | None = option(None, "model name in result rows",
+                              default_text="the folder's name")
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds the ``eval`` subcommand (``func=main``) to a CLI's subparsers.
+    """Adds the ``eval`` subcommand (``func=main``) to a CLI's subparsers, one flag per
+    `EvalOptions` field.
 
     Example:
       >>> parser = argparse.ArgumentParser()
@@ -40,43 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
       8
     """
     p = subparsers.add_parser(
-        "eval", help="score a checkpoint on sql, med or fact and append the results",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="HF-format folder (config + safetensors)")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument(
-        "--source", default="offline",
-        help="'offline' (generated), a hub dataset name, or a local json/jsonl/parquet/folder",
-    )
-    p.add_argument(
-        "--protocol", choices=PROTOCOLS, default=None,
-        help="prompts, tokens and scoring: 'authors' (their code's; their metrics, named "
-             "authors_*, printed beside ours) or 'molf_jax'; default: authors for paper data, "
-             "molf_jax for offline tasks",
-    )
-    p.add_argument("--size", type=int, default=_TRAIN_DEFAULTS.task_size,
-                   help="records the offline generator makes (as molf-jax train)")
-    p.add_argument("--seed", type=int, default=_TRAIN_DEFAULTS.seed,
-                   help="offline generation / split seed")
-    p.add_argument("--split", choices=("eval", "train"), default="eval")
-    p.add_argument("--limit", type=int, default=_TRAIN_DEFAULTS.eval_limit,
-                   help="score only the first N records (the cases molf-jax train scores; "
-                        "0: all)")
-    p.add_argument("--cop-base", type=int, default=0, help="MedMCQA 'cop' index base")
-    p.add_argument("--no-sql-context", action="store_true", help="SQL prompts without schema")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation budget (None: 256 for sql, 8 for med)")
-    p.add_argument("--results", default=None, help="CSV or JSONL file to append rows to")
-    p.add_argument("--name", default=None,
-                   help="model name in result rows (None: the folder's name)")
+        "eval", help="score a checkpoint on sql, med or fact and append the results")
+    add_arguments(p, EvalOptions, check_choices=True)
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs the evaluation described by parsed ``args``; returns the exit status."""
+    args = from_arguments(EvalOptions, args)
     from transformers import AutoTokenizer
 
     from molf_jax.checkpoints import load_hf
@@ -118,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: EvalOptions) -> None:
     """Every argument checked before anything is loaded or scored; one message per problem.
 
     Raises:
