@@ -107,11 +107,18 @@ def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, model_config:
             rank = a_t.shape[0]
 
     config = _adapter_config(spec, rank, modules, model_config, base_model_name_or_path)
+    return _write_adapter(out_dir, tensors, config, kind="peft_adapter", overwrite=overwrite,
+                          protected=protected)
+
+
+def _write_adapter(out_dir, tensors: dict, config: dict, *, kind: str, overwrite: bool,
+                   protected) -> Path:
+    """Writes a PEFT adapter folder (weights + config) whole, from process 0 only."""
     out_dir = Path(out_dir)
     if jax.process_index() != 0:
         return out_dir
     with written_whole(out_dir, overwrite=overwrite, protected=protected,
-                       record={"kind": "peft_adapter"}) as folder:
+                       record={"kind": kind}) as folder:
         save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         with open(folder / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)

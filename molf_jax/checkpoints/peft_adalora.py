@@ -13,26 +13,21 @@ and on loading shrinks each module to its kept rank while keeping the scale
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from molf_jax.adalora import AdaLoraSchedule, AdaLoraSpec, adalora_triplets
-from molf_jax.checkpoints.folders import check_destination, written_whole
+from molf_jax.checkpoints.folders import check_destination
 from molf_jax.checkpoints.hf import _host, _is_scanned
-from molf_jax.checkpoints.peft import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, _hf_module, _module_names,
-                                       _target_modules)
+from molf_jax.checkpoints.peft import (_PEFT_PREFIX, _hf_module, _module_names, _target_modules,
+                                       _write_adapter)
 from molf_jax.models import DecoderConfig
 
 __all__ = ["save_peft_adalora_adapter"]
-
-_PEFT_PREFIX = "base_model.model."
 
 
 def save_peft_adalora_adapter(out_dir: str | os.PathLike, params: Mapping,
@@ -121,12 +116,5 @@ def save_peft_adalora_adapter(out_dir: str | os.PathLike, params: Mapping,
         "layers_pattern": None,
         "revision": None,
     }
-    out_dir = Path(out_dir)
-    if jax.process_index() != 0:
-        return out_dir
-    with written_whole(out_dir, overwrite=overwrite, protected=protected,
-                       record={"kind": "peft_adalora_adapter"}) as folder:
-        save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        with open(folder / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-    return out_dir
+    return _write_adapter(out_dir, tensors, config, kind="peft_adalora_adapter",
+                          overwrite=overwrite, protected=protected)
