@@ -18,7 +18,7 @@ from molf_jax.param_roles import split_trainable
 from molf_jax.train.modes import build_optimizer, mode_roles
 from molf_jax.train.setup import build_params, resolve_model
 from molf_jax.train.trees import tree_paths
-from tiny_run import tiny_config, tiny_hf_folder
+from tiny_run import final_params, tiny_config, tiny_hf_folder
 
 STEPS = 3
 MESH_8 = "data=2,fsdp=4,tensor=1"  # across both processes: data splits the two hosts
@@ -43,14 +43,6 @@ def flags(model_dir, out_dir, mesh):
 
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
-
-
-def saved_params(run_dir):
-    checkpointer = RunCheckpointer(run_dir, async_save=False)
-    try:
-        return checkpointer.latest_params()
-    finally:
-        checkpointer.close()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +85,7 @@ def test_two_processes_train_like_one_process_of_eight_devices(tiny_dir, two_pro
                for run in (one, two_process_run)]
     assert winners[1] == winners[0] and len(winners[0]) == STEPS
 
-    (step_a, a), (step_b, b) = saved_params(one), saved_params(two_process_run)
+    (step_a, a), (step_b, b) = final_params(one), final_params(two_process_run)
     assert step_a == step_b == STEPS
     # gloo's ring all-reduce adds the devices' gradients in another order than one process
     # does, and Adam turns rounding of near-zero gradients into visible steps: the largest
@@ -125,7 +117,7 @@ def test_two_process_checkpoint_resumes_on_four_devices_of_one_process(tiny_dir,
     finally:
         checkpointer.close()
     assert meta["step"] == STEPS
-    _, saved = saved_params(two_process_run)
+    _, saved = final_params(two_process_run)
     for leaf in jax.tree.leaves(restored):
         assert leaf.sharding.mesh == mesh
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
@@ -135,7 +127,7 @@ def test_two_process_checkpoint_resumes_on_four_devices_of_one_process(tiny_dir,
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 3))
     assert all(np.isfinite(r["loss"]) for r in rows) and summary.skipped_steps == 0
-    step, final = saved_params(run_dir)
+    step, final = final_params(run_dir)
     assert step == STEPS + 2
     moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
                          final, saved)

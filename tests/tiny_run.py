@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 
 from molf_jax import models
 from molf_jax.checkpoints import save_hf
 from molf_jax.data import byte_level_tokenizer
-from molf_jax.train import RunCheckpointer
+from molf_jax.run_dir import RunDir
 
 
 def tiny_hf_folder(path: Path, family: str = "qwen2", seed: int = 0) -> Path:
@@ -70,9 +71,19 @@ def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float
 
 
 def final_params(run_dir):
-    """(step, params) of a run directory's latest checkpoint."""
-    checkpointer = RunCheckpointer(run_dir, async_save=False)
+    """(step, trainable params) of a run directory's latest checkpoint, each array whole on
+    this process's first device, whatever topology saved it (several processes, another mesh).
+    """
+    manager = ocp.CheckpointManager(RunDir(run_dir).checkpoints, item_handlers={
+        "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
     try:
-        return checkpointer.latest_params()
+        step = manager.latest_step()
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              manager.item_metadata(step)["params"])
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))
+        return step, restored["params"]
     finally:
-        checkpointer.close()
+        manager.close()

@@ -163,21 +163,6 @@ class RunCheckpointer:
             os.replace(os.path.join(self.directory, str(step)), target)
         self._manager.reload()
 
-    def latest_params(self) -> tuple[int, Any]:
-        """(step, trainable params) of the latest finished checkpoint, each array whole on this
-        process's first device, whatever topology saved it (several processes, another mesh).
-        """
-        step = self.latest_step()
-        if step is None:
-            raise ResumeError(f"no finished checkpoint in {self.directory}")
-        saved = self._manager.item_metadata(step)["params"]
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              saved)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target)))
-        return step, restored["params"]
-
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed."""
         self._manager.wait_until_finished()
