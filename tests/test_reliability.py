@@ -24,6 +24,7 @@ from molf_jax.checkpoints import default_model
 from molf_jax.checkpoints.folders import EXPORT_MARKER
 from molf_jax.checkpoints.default_model import CacheError, MARKER_FILE, default_model_dir
 from molf_jax.cli import main as cli_main
+from molf_jax.train import RunCheckpointer
 from tiny_run import final_params, tiny_hf_folder
 
 STEPS, SAVE_EVERY, KILLS = 12, 2, 5
@@ -149,9 +150,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(runs, tmp_path)
     run_dir = tmp_path / "run"
     shutil.copytree(runs["killed"], run_dir)
     latest = run_dir / "checkpoints" / str(STEPS)
-    biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(biggest, "r+b") as f:
-        f.truncate(biggest.stat().st_size // 2)
+    truncate_largest_file(latest)
     status, out = launch(common_args(runs["model"]) + ["--out-dir", str(run_dir), "--resume",
                                                        "--no-export"], runs["env"])
     assert status == 0, out
@@ -161,6 +160,29 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(runs, tmp_path)
     assert "Traceback" not in out and "Exception ignored" not in out, out
     assert_bitwise_equal(final_params(run_dir)[1], final_params(runs["whole"])[1])
     assert steps_logged(run_dir, "metrics.jsonl") == list(range(1, STEPS + 1))
+
+
+def truncate_largest_file(folder):
+    biggest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+
+
+def test_damage_is_found_by_reading_the_step_before_orbax_restores_it(runs, tmp_path):
+    # Orbax's own restore would find it too, but its concurrent reads echo "Event loop is
+    # closed" from tensorstore threads after the first failure; this read happens first.
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["killed"], run_dir)
+    latest = run_dir / "checkpoints" / str(STEPS)
+    checkpointer = RunCheckpointer(run_dir, async_save=False)
+    try:
+        assert checkpointer._unreadable(STEPS) is None
+        truncate_largest_file(latest)
+        why = checkpointer._unreadable(STEPS)
+        assert why is not None and str(latest) in why, why
+        assert checkpointer._unreadable(STEPS - SAVE_EVERY) is None
+    finally:
+        checkpointer.close()
 
 
 def test_no_checkpoint_that_restores_is_one_error(runs, tmp_path, capsys):

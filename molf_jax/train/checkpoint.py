@@ -122,9 +122,11 @@ class RunCheckpointer:
         for item in sorted(os.listdir(folder)):
             if os.path.exists(os.path.join(folder, item, "manifest.ocdbt")):
                 try:
-                    _read_every_value(os.path.join(folder, item))
-                except Exception as err:  # tensorstore raises ValueError and others per fault
-                    return _what_is_wrong(err)
+                    why = _first_unreadable_value(os.path.join(folder, item))
+                except Exception as err:  # a store that does not open (manifest damaged)
+                    why = _what_is_wrong(err)
+                if why is not None:
+                    return why
         return None
 
     def _try_restore(self, step: int, **items) -> tuple[Any, str | None]:
@@ -190,17 +192,28 @@ def _what_is_wrong(err: Exception) -> str:
     return text[:300]
 
 
-def _read_every_value(store_dir: str, in_flight: int = 16) -> None:
-    """Reads every key of the OCDBT store in ``store_dir``, a few at a time; raises on the first
-    value that does not read."""
+def _first_unreadable_value(store_dir: str, in_flight: int = 16) -> str | None:
+    """Reads every key of the OCDBT store in ``store_dir``, a few at a time: what is wrong with
+    the first value that does not read (its file, key and tensorstore's fault), or None."""
     store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{store_dir}"}).result()
     reads = collections.deque()
+
+    def finish_oldest() -> str | None:
+        key, read = reads.popleft()
+        try:
+            read.result()
+        except Exception as err:  # tensorstore's message does not name the value
+            return f"{os.path.join(store_dir, key.decode())}: {_what_is_wrong(err)}"
+        return None
+
     for key in store.list().result():
-        reads.append(store.read(key))
-        if len(reads) >= in_flight:
-            reads.popleft().result()
+        reads.append((key, store.read(key)))
+        if len(reads) >= in_flight and (why := finish_oldest()):
+            return why
     while reads:
-        reads.popleft().result()
+        if why := finish_oldest():
+            return why
+    return None
 
 
 def _abstract(tree: Any) -> Any:
