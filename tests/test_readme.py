@@ -25,5 +25,5 @@ def test_routing_any_pytree_example_runs_and_learns(capsys):
 
 
 def test_the_custom_score_example_is_the_shipped_file():
-    shipped = (README.parent / "scripts" / "custom_score.py").read_text()
+    shipped = (README.parent / "molf_jax" / "experiments" / "scores.py").read_text()
     assert readme_block("Your own routing score") == shipped

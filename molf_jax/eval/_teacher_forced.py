@@ -10,11 +10,27 @@ does not count as writing it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from molf_jax.eval._runner import _progress, prompt_batches
+from molf_jax.models import output_kernel
+
+
+# One compilation per (model, batch shape, tail), shared by every call: scoring many trained
+# members of a sweep with one model compiles once.
+@functools.partial(jax.jit, static_argnames=("model", "tail"))
+def _last_argmax(params, input_ids, attention_mask, *, model, tail: int):
+    hidden = model.apply({"params": params}, input_ids, attention_mask, deterministic=True,
+                         return_hidden=True)
+    kernel = output_kernel(params, model.config)
+    # Logit soft-capping is monotonic, so the argmax needs none.
+    logits = hidden[:, -tail:, :].astype(jnp.float32) @ kernel.astype(jnp.float32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def teacher_forced_argmax(model, params: Any, prompts: Sequence[Sequence[int]],
@@ -41,25 +57,11 @@ def teacher_forced_argmax(model, params: Any, prompts: Sequence[Sequence[int]],
       >>> rows[0].shape, bool((rows[0][:-1] == [7, 7]).all())   # doctest: +SKIP
       ((3,), True)
     """
-    import jax
-    import jax.numpy as jnp
-
-    from molf_jax.models import output_kernel
-
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     tail = max((len(c) for c in completions), default=0) + 1
-
-    @jax.jit
-    def last_argmax(params, input_ids, attention_mask):
-        hidden = model.apply({"params": params}, input_ids, attention_mask, deterministic=True,
-                             return_hidden=True)
-        kernel = output_kernel(params, model.config)
-        # Logit soft-capping is monotonic, so the argmax needs none.
-        logits = hidden[:, -tail:, :].astype(jnp.float32) @ kernel.astype(jnp.float32)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
     rows: list[np.ndarray] = [np.zeros(0, np.int32)] * len(sequences)
@@ -69,7 +71,7 @@ def teacher_forced_argmax(model, params: Any, prompts: Sequence[Sequence[int]],
             if ids.shape[1] < tail:  # the window of the last `tail` positions must fit
                 ids, mask = (np.pad(a, ((0, 0), (tail - a.shape[1], 0))) for a in (ids, mask))
                 ids[mask == 0] = pad_id
-            predicted = np.asarray(last_argmax(params, ids, mask))
+            predicted = np.asarray(_last_argmax(params, ids, mask, model=model, tail=tail))
             for row, i in enumerate(index):
                 rows[i] = predicted[row, tail - 1 - len(completions[i]):]
             progress.update(len(index))

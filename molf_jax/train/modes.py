@@ -84,14 +84,19 @@ def make_schedule(config: TrainConfig, peak: float, total_steps: int) -> optax.S
 
 
 def build_optimizer(config: TrainConfig, total_steps: int, roles: Any,
-                    max_grad_norm: float | None = 1.0) -> tuple[optax.GradientTransformation,
-                                                                dict[str, optax.Schedule]]:
+                    max_grad_norm: float | None = 1.0, *,
+                    peak_rates: tuple[Any, Any] | None = None
+                    ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
     """The mode's optimizer over the trainable tree, and its schedules by group name.
 
     ``roles`` (`mode_roles`) give the routing labels and the AdamW group of each leaf.
+    ``peak_rates`` = ``(fft, lora)`` replaces the config's two peak rates; they may be traced
+    values, so one compiled step serves every rate of a sweep
+    (`molf_jax.experiments.train_members`).
     """
-    fft_lr = make_schedule(config, config.fft_lr, total_steps)
-    lora_lr = make_schedule(config, config.lora_learning_rate, total_steps)
+    fft_peak, lora_peak = peak_rates or (config.fft_lr, config.lora_learning_rate)
+    fft_lr = make_schedule(config, fft_peak, total_steps)
+    lora_lr = make_schedule(config, lora_peak, total_steps)
     numerics = with_platform_defaults(config)
     # optax keeps nu in the parameters' dtype; mu follows state_dtype when it differs.
     mu_dtype = None if numerics.state_dtype == numerics.param_dtype else numerics.state_dtype

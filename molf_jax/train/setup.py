@@ -33,7 +33,7 @@ from molf_jax.train.trees import tree_paths
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSource", "Run", "assemble_run", "resolve_model", "load_tokenizer",
-           "build_params", "dtype_of", "training_model", "training_step", "model_identity"]
+           "build_params", "add_mode_adapters", "dtype_of", "training_model", "training_step", "model_identity"]
 
 
 def dtype_of(name: str):
@@ -101,20 +101,35 @@ def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Arr
         # Each device initialises only its own shards.
         params = jax.jit(lambda key: models.init_params(model, key),
                          out_shardings=shardings)(base_key)
+    return add_mode_adapters(config, params, lora_key, rule)
+
+
+def add_mode_adapters(config: TrainConfig, params: Any, rng: jax.Array, rule=None
+                      ) -> tuple[Any, LoraSpec | AdaLoraSpec | None]:
+    """``params`` plus the mode's LoRA experts (or AdaLoRA triplets) drawn from ``rng``, and
+    their spec. ``rule(path, shape)`` places each leaf (`param_sharding`); None leaves them
+    where they are made. A run's adapters use the second half of ``split(key(seed))``.
+
+    Example:
+      >>> _, lora_key = jax.random.split(jax.random.key(config.seed))       # doctest: +SKIP
+      >>> params, spec = add_mode_adapters(config, base_params, lora_key)    # doctest: +SKIP
+    """
+    place = (lambda tree: tree) if rule is None else (
+        lambda tree: jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), tree))
     spec = lora_spec(config)
     if isinstance(spec, AdaLoraSpec):
         try:
-            params = add_adalora(params, spec, lora_key)
+            params = add_adalora(params, spec, rng)
         except ValueError:
             raise ConfigError(f"--lora-targets {list(config.lora_targets)} match no linear of "
                               "this model") from None
-        params = jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
+        params = place(params)
     elif spec is not None:
-        params = add_lora_experts(params, spec, lora_key)
+        params = add_lora_experts(params, spec, rng)
         if not lora_paths(params):
             raise ConfigError(f"--lora-targets {list(config.lora_targets)} match no linear of "
                               "this model")
-        params = jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
+        params = place(params)
     return params, spec
 
 

@@ -5,8 +5,10 @@ expert's learning rate, so the FFT/LoRA rate ratio steers the routing as much as
 do. This variant keeps the preconditioned descent and drops the rate, so the ratio no longer
 decides which expert wins:
 
-  PYTHONPATH=scripts molf-jax train --score custom_score:epd_without_lr
-  python scripts/reproduce.py --score custom_score:epd_without_lr
+  molf-jax train --score molf_jax.experiments.scores:epd_without_lr
+
+The reproduction's routing study runs it beside EPD and PFN. Your own score lives in any
+importable module and is named the same way, ``package.module:name``.
 """
 
 from molf_jax.routing import SCORE_EPS, Score

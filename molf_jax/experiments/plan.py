@@ -1,0 +1,171 @@
+"""What the reproduction runs: tasks and their sizes, every method's rate grid, the routing study,
+and how they group into vmapped programs.
+
+Every method is tuned the same way: each setting of its grid runs on the first seed, and the
+setting with the best validation metric there is the one reported on all seeds
+(`molf_jax.experiments.stats.choose_settings`). Grids (issue 24, the authors' sweeps where they
+have one): fft {1e-4, 5e-5, 2e-5}; lora r32 {5e-4, 5e-5}; molf and molf_gate at equal FFT and
+LoRA rates {1e-4, 5e-5, 2e-5}; molfe (top-2 and top-1) and adalora {5e-4, 1e-4, 5e-5}.
+``molf_recipe`` is MoLF at the authors' quickstart rate (5e-5, equal rates), reported as its own
+row.
+
+Because a program trains several members at once (`molf_jax.experiments.train_members`), every
+setting runs on every seed in one program; only the chosen setting's later seeds enter the
+results, which are then exactly those of running the chosen setting alone on those seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from molf_jax.experiments.sweep import Member
+
+__all__ = ["TaskSize", "PRESETS", "GRIDS", "STUDY", "CUSTOM_SCORE", "Program", "Plan",
+           "programs", "setting_label", "grid_labels"]
+
+TASKS = ("med", "fact", "sql")
+CUSTOM_SCORE = "molf_jax.experiments.scores:epd_without_lr"
+
+
+def _equal(rates):
+    return [{"fft_lr": r, "lora_lr": r} for r in rates]
+
+
+# Method -> (mode settings shared by its grid, the grid of rates). Rates are per member.
+GRIDS: dict[str, tuple[dict[str, Any], list[dict[str, float]]]] = {
+    "fft": ({"mode": "fft"}, [{"fft_lr": r} for r in (1e-4, 5e-5, 2e-5)]),
+    "lora": ({"mode": "lora"}, [{"lora_lr": r} for r in (5e-4, 5e-5)]),
+    "molf": ({"mode": "molf"}, _equal((1e-4, 5e-5, 2e-5))),
+    "molf_recipe": ({"mode": "molf"}, _equal((5e-5,))),
+    "molf_gate": ({"mode": "molf_gate"}, _equal((1e-4, 5e-5, 2e-5))),
+    "molfe": ({"mode": "molfe"}, _equal((5e-4, 1e-4, 5e-5))),
+    "molfe_top1": ({"mode": "molfe", "top_k": 1}, _equal((5e-4, 1e-4, 5e-5))),
+    "adalora": ({"mode": "adalora"}, [{"lora_lr": r} for r in (5e-4, 1e-4, 5e-5)]),
+}
+# The routing study, first seed only: molf at the recipe's FFT rate with another LoRA/FFT
+# rate ratio, another score, or a score of your own.
+STUDY: dict[str, tuple[dict[str, Any], dict[str, float]]] = {
+    "molf_ratio3": ({"mode": "molf"}, {"fft_lr": 5e-5, "lora_lr": 1.5e-4}),
+    "molf_ratio10": ({"mode": "molf"}, {"fft_lr": 5e-5, "lora_lr": 5e-4}),
+    "molf_pfn": ({"mode": "molf", "score": "pfn"}, {"fft_lr": 5e-5, "lora_lr": 5e-5}),
+    "molf_score": ({"mode": "molf", "score": CUSTOM_SCORE}, {"fft_lr": 5e-5, "lora_lr": 5e-5}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSize:
+    """How much of a task one run sees and how it trains.
+
+    Attributes:
+      task_size: records the offline generator makes for training.
+      val: validation cases (the first evaluation records), used to choose rates.
+      test: test cases after them (None: every remaining evaluation record).
+      max_length: longest training example in tokens.
+      epochs: passes over the training examples.
+      eval_size: offline sql: held-out examples generated.
+    """
+
+    task_size: int
+    val: int
+    test: int | None
+    max_length: int = 256
+    epochs: float = 2.0
+    eval_size: int | None = None
+
+
+PRESETS: dict[str, dict[str, TaskSize]] = {
+    # One 80 GB GPU (H100 or H200).
+    "gpu": {"med": TaskSize(320, 64, None),
+            "fact": TaskSize(1536, 256, 1280),
+            "sql": TaskSize(640, 64, 400, 512, eval_size=464)},
+    # Tiny sizes for the test suite (with a tiny model).
+    "smoke": {"med": TaskSize(8, 4, 4, 512),
+              "fact": TaskSize(8, 4, 4, 512),
+              "sql": TaskSize(24, 4, 4, 2048, eval_size=8)},
+}
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """``{'fft_lr': 5e-05}`` -> ``'fft_lr=5e-05'``; empty -> ``'recipe'``.
+
+    Example:
+      >>> setting_label({"lora_lr": 5e-4, "fft_lr": 5e-5})
+      'fft_lr=5e-05,lora_lr=0.0005'
+    """
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in sorted(setting.items()) if k != "mode"]
+    return ",".join(parts).replace(":", "-") or "recipe"
+
+
+def grid_labels() -> dict[str, list[str]]:
+    """Method -> its settings' labels in grid order (ties in tuning go to the first)."""
+    return {m: [setting_label(s) for s in grid] for m, (_, grid) in GRIDS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One vmapped program: a mode configuration and the members it trains.
+
+    Attributes:
+      task: the task.
+      name: a file-safe name (``fact__molf``).
+      settings: TrainConfig overrides shared by the members (mode, top_k, score).
+      members: the runs (seed, fft rate, lora rate).
+      methods: per member, the (method, setting label) rows it reports.
+    """
+
+    task: str
+    name: str
+    settings: dict[str, Any]
+    members: tuple[Member, ...]
+    methods: tuple[tuple[tuple[str, str], ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A reproduction: tasks, methods, seeds, study, sizes and model."""
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    preset: str = "gpu"
+    study: bool = True
+
+
+def _member(seed: int, rates: dict[str, float]) -> Member:
+    # A rate a mode never uses is still fixed, so that members stay comparable by label.
+    return Member(seed, rates.get("fft_lr", 5e-5), rates.get("lora_lr", 5e-5))
+
+
+def programs(plan: Plan, task: str) -> list[Program]:
+    """The task's programs: one per mode configuration, with every member it needs.
+
+    Example:
+      >>> [p.name for p in programs(Plan(("fact",), ("fft", "lora"), (0, 1)), "fact")]
+      ['fact__fft', 'fact__lora', 'fact__molf', 'fact__molf_pfn', 'fact__molf_score']
+      >>> len(programs(Plan(("fact",), ("fft",), (0, 1), study=False), "fact")[0].members)
+      6
+    """
+    wanted: list[tuple[str, dict[str, Any], dict[str, float], int]] = []
+    for method in plan.methods:
+        shared, grid = GRIDS[method]
+        wanted += [(method, shared, rates, seed) for rates in grid for seed in plan.seeds]
+    if plan.study:
+        wanted += [(name, shared, rates, plan.seeds[0]) for name, (shared, rates) in
+                   STUDY.items()]
+    grouped: dict[str, tuple[dict[str, Any], dict[Member, list[tuple[str, str]]]]] = {}
+    for method, shared, rates, seed in wanted:
+        key = setting_label({**shared, "m": shared["mode"]})
+        _, members = grouped.setdefault(key, (shared, {}))
+        members.setdefault(_member(seed, rates), []).append((method, setting_label(rates)))
+    out = []
+    for shared, members in grouped.values():
+        name = "__".join([task, shared["mode"]] + [f"{k}{v}" for k, v in sorted(shared.items())
+                                                    if k != "mode" and k != "score"])
+        if "score" in shared:
+            name += "__" + ("pfn" if shared["score"] == "pfn" else "score")
+        out.append(Program(task=task, name=name.replace(".", "-"), settings=dict(shared),
+                           members=tuple(members), methods=tuple(tuple(v) for v in
+                                                                  members.values())))
+    return out

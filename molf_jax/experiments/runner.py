@@ -1,0 +1,280 @@
+"""Runs a reproduction plan in one process: the model loaded once, one vmapped program per mode
+configuration, every member scored in large batches, one row per (method, setting, seed).
+
+Rows are written to ``OUT/rows/*.json`` as they come, so a killed sweep resumes where it
+stopped (a program whose rows all exist is skipped). A program that fails is retried once,
+with its members split in two halves when the device ran out of memory; what still fails is
+listed in ``failed_runs``, never left out silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from molf_jax.experiments.plan import (PRESETS, Plan, Program, TaskSize, grid_labels,
+                                       programs)
+
+__all__ = ["Runner", "row_name", "read_rows"]
+
+
+def row_name(row: dict) -> str:
+    return f"{row['task']}__{row['method']}__{row['label']}__s{row['seed']}".replace(":", "-")
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(out_dir) / "rows").glob("*.json"))]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A task's data for every seed: encoded training examples and the evaluation splits."""
+
+    size: TaskSize
+    train: dict[int, list]
+    val: dict[int, list[dict]]
+    test: dict[int, list[dict]]
+
+
+class Runner:
+    """Loads the model once and runs plans against it.
+
+    Args:
+      model: 'default' (the embedded Gemma 3 270M) or an HF folder.
+      out_dir: where rows, results.json and plots go.
+      compute_dtype: activations of training ('bfloat16' on GPUs; tests use float32).
+      max_members: most members one program trains at once (None: all of them).
+    """
+
+    def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
+                 max_members: int | None = None, score_batch: int = 256,
+                 retention: bool = True):
+        from molf_jax import models
+        from molf_jax.checkpoints import load_hf
+        from molf_jax.train.setup import load_tokenizer, resolve_model
+
+        self.out_dir = Path(out_dir)
+        (self.out_dir / "rows").mkdir(parents=True, exist_ok=True)
+        self.compute_dtype, self.max_members = compute_dtype, max_members
+        self.score_batch, self.retention = score_batch, retention
+        started = time.time()
+        self.source = resolve_model(model)
+        if self.source.hf_dir is None:
+            raise ValueError(f"--model {model!r}: the reproduction needs a model with weights "
+                             "(an HF folder or 'default')")
+        self.model_dir = str(self.source.hf_dir)
+        self.tokenizer = load_tokenizer(self.source)
+        # float32 weights and Adam states: bf16 weights lose updates below their resolution,
+        # which the rate grid's smallest rates (2e-5) would hit.
+        _, self.base_params = load_hf(self.source.hf_dir, scan_layers=True)
+        self.eval_model = models.build_model(self.source.config, scan_layers=True)
+        self.timings: dict[str, Any] = {"load_seconds": round(time.time() - started, 1),
+                                        "programs": {}}
+        self.failed: list[str] = []
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def task_data(self, task: str, preset: str, seeds) -> TaskData:
+        from molf_jax.data import encode_records, load_task
+
+        size = PRESETS[preset][task]
+        out = TaskData(size, {}, {}, {})
+        for seed in seeds:
+            extra = {"eval_size": size.eval_size} if task == "sql" and size.eval_size else {}
+            data = load_task(task, "offline", size=size.task_size, seed=seed, **extra)
+            encoded, _ = encode_records(task, data.train, self.tokenizer,
+                                        max_length=size.max_length, overflow="drop",
+                                        protocol=data.protocol)
+            test = len(data.eval) - size.val if size.test is None else size.test
+            if len(data.eval) < size.val + test or test < 1:
+                raise ValueError(f"{task}: {len(data.eval)} evaluation records, fewer than val "
+                                 f"{size.val} + test {test}")
+            out.train[seed] = encoded
+            out.val[seed] = data.eval[:size.val]
+            out.test[seed] = data.eval[size.val:size.val + test]
+        return out
+
+    def probe(self):
+        from molf_jax.data import forgetting_probe
+
+        if not hasattr(self, "_probe"):
+            self._probe = forgetting_probe()
+        return self._probe
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(self, task: str, params, data: TaskData, seed: int) -> dict[str, Any]:
+        from molf_jax.experiments.scoring import case_scores, metric_of
+
+        row: dict[str, Any] = {}
+        for split, records in (("val", data.val[seed]), ("test", data.test[seed])):
+            cases = case_scores(task, self.eval_model, params, self.tokenizer, records,
+                                batch_size=self.score_batch)
+            row[split] = metric_of(task, cases)
+            if split == "test":
+                row["test_cases"] = cases
+        if self.retention:
+            from molf_jax.eval import retained_facts
+
+            retained = retained_facts(self.eval_model, params, self.tokenizer, self.probe(),
+                                      batch_size=self.score_batch)
+            row["test_cases"]["retained"] = [int(r) for r in retained]
+            row["retention"] = 100 * float(np.mean(retained))
+        row["n_test"] = len(data.test[seed])
+        return row
+
+    # -- one program ----------------------------------------------------------------------------
+
+    def _config(self, program: Program, size: TaskSize, steps: int | None):
+        from molf_jax.train import PLATFORM_DEFAULTS, TrainConfig
+
+        return TrainConfig(
+            model=self.model_dir, task=program.task, task_size=size.task_size, batch_size=32,
+            grad_accum=1, epochs=size.epochs, steps=steps, max_length=size.max_length,
+            out_dir=str(self.out_dir / "unused"), mesh="data=1,fsdp=1,tensor=1",
+            eval_before_after=False, export=False,
+            **{**PLATFORM_DEFAULTS["cpu"], "compute_dtype": self.compute_dtype},
+            **program.settings)
+
+    def run_program(self, program: Program, data: TaskData, *, steps: int | None = None,
+                    members=None) -> list[dict]:
+        """Trains the program's members (or the given subset) and returns their rows."""
+        import jax
+
+        from molf_jax.adalora import apply_rank_pattern
+        from molf_jax.data import pad_token_id
+        from molf_jax.experiments.sweep import member_params, train_members
+        from molf_jax.train import merge_adapters
+
+        members = list(members or program.members)
+        config = self._config(program, data.size, steps)
+        started = time.time()
+        result = train_members(config, self.source.config, self.base_params,
+                               [data.train[m.seed] for m in members], members,
+                               pad_id=pad_token_id(self.tokenizer))
+        trained = time.time()
+        rows = []
+        for k, member in enumerate(members):
+            params = member_params(result, k)
+            if config.mode == "adalora":
+                params = apply_rank_pattern(params, jax.tree.map(lambda x: x[k],
+                                                                 result.opt_state))
+            params = merge_adapters(params, result.spec)
+            scored = self.score(program.task, params, data, member.seed)
+            losses = result.losses[:, k]
+            finite = losses[np.isfinite(losses)]
+            common = {"task": program.task, "seed": member.seed, "mode": config.mode,
+                      "fft_lr": member.fft_lr, "lora_lr": member.lora_lr,
+                      "top_k": config.routing_top_k, "score": config.score,
+                      "steps": result.steps, "tokens": int(result.tokens[k]),
+                      "skipped_steps": int(np.sum(~np.isfinite(losses))),
+                      "train_loss": float(np.mean(finite[-max(1, len(finite) // 10):]))
+                      if len(finite) else None,
+                      "routing": _routing_summary(result, k, config.mode), **scored}
+            index = program.members.index(member)
+            for method, label in program.methods[index]:
+                rows.append({**common, "method": method, "label": label,
+                             "setting": {"mode": config.mode, "fft_lr": member.fft_lr,
+                                         "lora_lr": member.lora_lr}})
+        del result
+        timing = self.timings["programs"].setdefault(program.name, {})
+        timing.update(members=timing.get("members", 0) + len(members),
+                      train_seconds=round(timing.get("train_seconds", 0) + trained - started, 1),
+                      score_seconds=round(timing.get("score_seconds", 0) + time.time() - trained,
+                                          1))
+        return rows
+
+    def base_row(self, task: str, data: TaskData, seed: int) -> dict:
+        scored = self.score(task, self.base_params, data, seed)
+        return {"task": task, "method": "base", "label": "base", "setting": {"mode": "base"},
+                "seed": seed, **scored}
+
+    # -- the plan -----------------------------------------------------------------------------
+
+    def run(self, plan: Plan, *, steps: int | None = None) -> list[dict]:
+        """Runs every program of ``plan`` that has rows missing; returns all rows on disk."""
+        first = plan.seeds[0]
+        for task in plan.tasks:
+            have = {row_name(r) for r in read_rows(self.out_dir)}
+            todo = [p for p in programs(plan, task)
+                    if not all(row_name({"task": task, "method": m, "label": lab, "seed": s.seed})
+                               in have for s, ms in zip(p.members, p.methods) for m, lab in ms)]
+            base_done = row_name({"task": task, "method": "base", "label": "base",
+                                  "seed": first}) in have
+            if not todo and base_done:
+                continue
+            t0 = time.time()
+            data = self.task_data(task, plan.preset, plan.seeds)
+            _say(f"{task}: data ready ({time.time() - t0:.1f} s); {len(todo)} programs")
+            if not base_done:
+                self._write([self.base_row(task, data, first)])
+            for program in todo:
+                self._write(self._with_retry(program, data, steps))
+        return read_rows(self.out_dir)
+
+    def _with_retry(self, program: Program, data: TaskData, steps) -> list[dict]:
+        t0 = time.time()
+        try:
+            rows = self.run_program(program, data, steps=steps)
+        except Exception as error:  # noqa: BLE001 - reported, retried, then listed as failed
+            memory = "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+            _say(f"{program.name}: failed ({type(error).__name__}: {str(error)[:300]}); "
+                 f"retrying{' in two halves' if memory and len(program.members) > 1 else ''}")
+            rows = []
+            halves = ([program.members[:len(program.members) // 2],
+                       program.members[len(program.members) // 2:]]
+                      if memory and len(program.members) > 1 else [program.members])
+            for part in halves:
+                try:
+                    rows += self.run_program(program, data, steps=steps, members=part)
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
+                    self.failed += [f"{program.name}:s{m.seed}:{m.fft_lr:g}/{m.lora_lr:g}"
+                                    for m in part]
+        best = {}
+        for r in rows:
+            best.setdefault(r["method"], []).append(r["test"])
+        _say(f"{program.name}: {len(program.members)} members in {time.time() - t0:.0f} s; "
+             + ", ".join(f"{m} test {np.mean(v):.1f}" for m, v in best.items()))
+        return rows
+
+    def _write(self, rows: list[dict]) -> None:
+        for row in rows:
+            path = self.out_dir / "rows" / f"{row_name(row)}.json"
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(row))
+            tmp.replace(path)
+
+
+def _routing_summary(result, k: int, mode: str) -> dict[str, Any] | None:
+    """Share of module-steps that chose the counted expert (molf: FFT; molfe: the last, the
+    highest rank), per projection type over steps and overall."""
+    from molf_jax.viz._runlog import projection_of
+
+    if result.winners is None:
+        return None
+    winners = result.winners[:, k].astype(float)  # [steps, modules, experts]
+    column = 0 if mode in ("molf", "molf_gate") else winners.shape[-1] - 1
+    by_projection: dict[str, list[int]] = {}
+    for i, name in enumerate(result.module_names):
+        by_projection.setdefault(projection_of(name), []).append(i)
+    return {"expert": "fft" if column == 0 else f"lora_{column}",
+            "share_by_projection": {p: np.round(winners[:, idx, column].mean(1), 4).tolist()
+                                    for p, idx in sorted(by_projection.items())},
+            "share": round(float(winners[:, :, column].mean()), 4)}
+
+
+def grids() -> dict[str, list[str]]:
+    return grid_labels()
