@@ -219,7 +219,8 @@ def test_only_the_chosen_settings_seeds_enter_and_an_incomplete_method_is_named(
     assert task["incomplete"] == {"fft": "good missing on seeds [1]",
                                   "lora": "r missing on seeds [1]"}
     assert task["fft_minus_lora"] is None and task["claims"]["molf_within_1_5_of_best"] is None
-    with pytest.raises(ValueError, match="two rows for task sql, method adalora, setting r, seed 1"):
+    with pytest.raises(ValueError, match="two rows for task sql, method adalora, setting r, "
+                                         "seed 1"):
         summarise(rows + [rows[-3]], [0, 1], grids, samples=SAMPLES)
 
 

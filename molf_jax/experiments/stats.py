@@ -216,7 +216,8 @@ def _check_unique(rows: Sequence[Mapping[str, Any]]) -> None:
     seen = set()
     for r in rows:
         if _key(r) in seen:
-            raise ValueError("two rows for task {}, method {}, setting {}, seed {}".format(*_key(r)))
+            raise ValueError("two rows for task {}, method {}, setting {}, seed {}".format(
+                *_key(r)))
         seen.add(_key(r))
 
 
