@@ -12,7 +12,7 @@ import pytest
 
 from molf_jax.experiments import (BEGIN, END, choose_settings, in_step, incomplete_sweeps,
                                   metric_of, metric_with_retention, paired_difference,
-                                  percentile_interval, render, retention_of, splice,
+                                  percentile_interval, plot_study, render, retention_of, splice,
                                   study_table, summarise, verdict)
 
 SAMPLES = 50  # the intervals pinned below are exact at any sample count
@@ -232,12 +232,16 @@ def test_study_table_reads_the_first_seeds_chosen_routed_runs():
                                                                            "share": 0.9}),
             row("fact", "molf_ratio10", "recipe", 0, 0.0, {"correct": [1]}, routing=routing,
                 fft_lr=5e-5, lora_lr=5e-4),
-            row("fact", "molf_pfn", "recipe", 1, 0.0, {"correct": [1]}, routing=routing)]
+            row("fact", "molf_pfn", "recipe", 1, 0.0, {"correct": [1]}, routing=routing),
+            row("fact", "molf_score", "score=mine", 0, 0.0, {"correct": [0]}, routing=routing)]
+    rows[-1]["setting"] = {"mode": "molf", "score": "mine"}
     table = study_table(rows, [0, 1], {"molf": ["fast", "slow"]})
     assert [(s["variant"], s["setting"], s["lr_ratio"], s["share"]) for s in table] == [
-        ("molf", "slow", "1", 25.0), ("molf_ratio10", "recipe", "10", 25.0)]
+        ("molf", "slow", "1", 25.0), ("molf_ratio10", "recipe", "10", 25.0),
+        ("molf_score", "score=mine", "1", 25.0)]
     assert table[0]["share_by_projection"] == {"q_proj": 25.0, "down_proj": 100.0}
     assert (table[1]["top_k"], table[1]["score"], table[1]["test"]) == (1, "epd", 100.0)
+    assert table[2]["score"] == "mine"        # the setting names the study's own score
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -277,6 +281,18 @@ def test_render_shows_every_table_the_issue_asks_for():
     broken = {k: v for k, v in results_json().items() if k != "plan_wall_seconds"}
     with pytest.raises(ValueError, match="'plan_wall_seconds'"):
         render(broken)
+
+
+def test_study_plots_are_drawn_from_the_routing_logs(tmp_path):
+    routing = {"expert": "fft", "share": 0.5, "steps": [1, 2],
+               "share_by_projection": {"q_proj": [0.0, 0.5], "down_proj": [1.0, 1.0]}}
+    rows = [row("fact", name, "recipe", 0, 0.0, {"correct": [1]}, routing=routing,
+                fft_lr=5e-5, lora_lr=lr)
+            for name, lr in (("molf_recipe", 5e-5), ("molf_ratio3", 1.5e-4))]
+    results = {"tasks": {"fact": {"seeds": [0]}}, "study": study_table(rows, [0], {})}
+    written = plot_study(results, rows, tmp_path)
+    assert [p.name for p in written] == ["fft_share_fact.png", "rate_ratio.png"]
+    assert all(p.stat().st_size > 0 for p in written)
 
 
 def test_a_page_spliced_with_the_tables_is_in_step_until_the_results_change():

@@ -433,12 +433,16 @@ def study_table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int],
             if len(found) != 1 or not found[0].get("routing"):
                 continue
             r = found[0]
-            if r.get("fft_lr") and r.get("lora_lr"):
-                ratio = r["lora_lr"] / r["fft_lr"]
+
+            def field(key, default):  # the row's resolved value, else its setting's, else ours
+                return r.get(key) or (r.get("setting") or {}).get(key) or default
+
+            if field("fft_lr", None) and field("lora_lr", None):
+                ratio = field("lora_lr", None) / field("fft_lr", None)
             shares = r["routing"]["share_by_projection"]
             out.append({"task": task, "variant": name, "setting": r["label"],
-                        "lr_ratio": f"{ratio:g}", "top_k": r.get("top_k") or top_k,
-                        "score": r.get("score") or score, "test": round(float(r["test"]), 2),
+                        "lr_ratio": f"{ratio:g}", "top_k": field("top_k", top_k),
+                        "score": field("score", score), "test": round(float(r["test"]), 2),
                         "expert": r["routing"]["expert"],
                         "share": round(100 * float(r["routing"]["share"]), 1),
                         "share_by_projection": {p: round(100 * float(np.mean(v)), 1)
