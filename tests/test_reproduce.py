@@ -1,4 +1,5 @@
-"""scripts/reproduce.py: choosing by validation, the claim checks, the tables, a whole tiny run."""
+"""The reproduction: choosing by validation, the claim checks, the tables (molf_jax.experiments);
+planning and a whole tiny run (scripts/reproduce.py)."""
 
 import importlib.util
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from molf_jax import experiments
 from tiny_run import tiny_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +30,16 @@ reproduce = load_script("reproduce")
 def row(task, method, setting, seed, val, cases):
     return {"task": task, "method": method, "setting": setting,
             "label": reproduce.setting_label(setting), "seed": seed, "val": val,
-            "test": reproduce.metric_of(task, cases), "test_cases": cases, "n_test": 4,
+            "test": experiments.metric_of(task, cases), "test_cases": cases, "n_test": 4,
             "size": {}, "device": "cpu"}
 
 
 FFT = reproduce.METHODS["fft"]      # the authors' sweep: 1e-4, 5e-5, 2e-5
 LORA = reproduce.METHODS["lora"]    # 5e-4, 5e-5
+# The sweeps as ordered grids of setting labels (what molf_jax.experiments tunes over).
+GRIDS = {"fft": ["fft_lr=0.0001", "fft_lr=5e-05", "fft_lr=2e-05"],
+         "lora": ["lora_lr=0.0005", "lora_lr=5e-05"], "molf": ["recipe"], "molfe": ["recipe"],
+         "molfe_top1": ["top_k=1"], "molf_gate": ["recipe"], "adalora": ["recipe"]}
 
 
 def test_rates_are_chosen_on_the_first_seeds_validation_then_the_order_of_the_sweep():
@@ -42,7 +48,7 @@ def test_rates_are_chosen_on_the_first_seeds_validation_then_the_order_of_the_sw
             row("med", "fft", FFT[2], 0, 60.0, ok),   # tie with 5e-5: the earlier one wins
             row("med", "fft", FFT[2], 1, 99.0, ok),   # another seed never chooses
             row("med", "lora", LORA[1], 0, 70.0, ok), row("med", "lora", LORA[0], 0, 20.0, ok)]
-    chosen = reproduce.choose_settings(rows, seed=0)
+    chosen = experiments.choose_settings(rows, GRIDS, seed=0)
     assert chosen == {("med", "fft"): "fft_lr=5e-05", ("med", "lora"): "lora_lr=5e-05"}
 
 
@@ -63,26 +69,26 @@ def test_paired_bootstrap_interval_of_a_difference():
     rng = np.random.default_rng(1)
     base = rng.integers(0, 2, 400)
     better = np.where(rng.random(400) < 0.3, 1, base)   # right wherever base is, and more
-    same = reproduce.paired_difference("med", [{"correct": base}], [{"correct": base}])
+    same = experiments.paired_difference("med", [{"correct": base}], [{"correct": base}])
     assert same == {"mean": 0.0, "ci95": [0.0, 0.0]}
-    diff = reproduce.paired_difference("med", [{"correct": better}], [{"correct": base}])
+    diff = experiments.paired_difference("med", [{"correct": better}], [{"correct": base}])
     expected = 100 * (better.mean() - base.mean())
     assert diff["mean"] == pytest.approx(expected, abs=0.01)
     low, high = diff["ci95"]
     assert 0 < low < expected < high
     # Paired: the interval is that of the per-case differences, narrower than unpaired.
     assert high - low < 2 * 1.96 * 100 * np.sqrt(better.var() / 400 + base.var() / 400)
-    assert reproduce.verdict(diff, at_least=0.0) == "yes"
-    assert reproduce.verdict({"mean": -3, "ci95": [-5, -1]}, at_least=0.0) == "no"
-    assert reproduce.verdict({"mean": 1, "ci95": [-1, 3]}, at_least=0.0) == "inconclusive"
-    assert reproduce.verdict({"mean": -1, "ci95": [-1.4, 0.2]}, at_least=-1.5) == "yes"
+    assert experiments.verdict(diff, at_least=0.0) == "yes"
+    assert experiments.verdict({"mean": -3, "ci95": [-5, -1]}, at_least=0.0) == "no"
+    assert experiments.verdict({"mean": 1, "ci95": [-1, 3]}, at_least=0.0) == "inconclusive"
+    assert experiments.verdict({"mean": -1, "ci95": [-1.4, 0.2]}, at_least=-1.5) == "yes"
 
 
 def test_fact_metric_is_the_harmonic_mean_of_the_held_out_scores():
     cases = {"paraphrase": [1.0, 0.5], "neighborhood": [0.2, 0.4], "efficacy": [1.0, 1.0]}
-    assert reproduce.metric_of("fact", cases) == pytest.approx(100 * 2 / (1 / 0.75 + 1 / 0.3))
-    assert reproduce.metric_of("fact", {**cases, "neighborhood": [0.0, 0.0]}) == 0.0
-    assert reproduce.metric_of("sql", {"correct": [1, 0, 0, 0]}) == 25.0
+    assert experiments.metric_of("fact", cases) == pytest.approx(100 * 2 / (1 / 0.75 + 1 / 0.3))
+    assert experiments.metric_of("fact", {**cases, "neighborhood": [0.0, 0.0]}) == 0.0
+    assert experiments.metric_of("sql", {"correct": [1, 0, 0, 0]}) == 25.0
 
 
 def test_summary_compares_the_chosen_runs_over_seeds_with_the_issues_fields():
@@ -95,9 +101,10 @@ def test_summary_compares_the_chosen_runs_over_seeds_with_the_issues_fields():
         for method, correct in runs.items():
             for setting in reproduce.METHODS[method]:
                 rows.append(row("sql", method, setting, seed, 50.0, {"correct": correct}))
-    task = reproduce.summarise(rows, [0, 1])["sql"]
+    task = experiments.summarise(rows, [0, 1], GRIDS, samples=200)["sql"]
     assert task["seeds"] == [0, 1] and task["n_test"] == 4
     assert set(task["methods"]) == set(reproduce.METHODS)
+    assert task["methods"]["fft"]["setting"] == "fft_lr=0.0001"  # all tie: the first
     for key in ("fft_minus_lora", "molf_minus_best", "molfe_minus_lora"):
         assert set(task[key]) == {"mean", "ci95"}
     assert task["molfe_minus_adalora"] is None      # no adalora runs
@@ -112,7 +119,7 @@ def test_adalora_is_planned_and_compared_with_molfe():
     assert "med__adalora__recipe__s0" in {j.name for j in reproduce.planned_jobs(plan, [])}
     rows = [row("med", "molfe", {"mode": "molfe"}, 0, 50.0, {"correct": np.ones(40, int)}),
             row("med", "adalora", {"mode": "adalora"}, 0, 50.0, {"correct": np.zeros(40, int)})]
-    task = reproduce.summarise(rows, [0])["med"]
+    task = experiments.summarise(rows, [0], GRIDS, samples=200)["med"]
     assert task["molfe_minus_adalora"]["mean"] == 100.0
     assert task["claims"]["molfe_beats_adalora"] == "yes"
 
@@ -143,17 +150,15 @@ def test_readme_speed_tables_are_the_scripts_output(capsys):
             capsys.readouterr().out.strip(), section
 
 
-def test_a_reproduction_table_in_the_readme_is_the_scripts_rendering():
-    """When the README shows reproduction tables, they are `--render` of the committed
-    results.json; until the sweep has results, the README shows none."""
+def test_a_reproduction_table_in_the_readme_is_the_rendering_of_results_json():
+    """When the README shows reproduction tables (between experiments.BEGIN and END), they
+    are experiments.render of the committed results.json; until the sweep has results, the
+    README shows none."""
     readme = (ROOT / "README.md").read_text()
-    marker = "<!-- python scripts/reproduce.py --render -->"
     results = ROOT / "reproduce_results" / "results.json"
-    assert (marker in readme) == results.exists()
+    assert (experiments.BEGIN in readme) == results.exists()
     if results.exists():
-        start = readme.index(marker) + len(marker)
-        block = readme[start:readme.index("<!-- end -->", start)].strip()
-        assert block == reproduce.render(json.loads(results.read_text())).strip()
+        assert experiments.in_step(readme, json.loads(results.read_text()))
 
 
 @pytest.fixture(scope="module")
