@@ -23,7 +23,7 @@ import numpy as np
 from molf_jax.experiments.plan import (PRESETS, Plan, Program, TaskSize, grid_labels,
                                        programs)
 
-__all__ = ["Runner", "row_name", "read_rows"]
+__all__ = ["Runner", "collect", "row_name", "read_rows"]
 
 
 def row_name(row: dict) -> str:
@@ -80,9 +80,15 @@ class Runner:
         # which the rate grid's smallest rates (2e-5) would hit.
         _, self.base_params = load_hf(self.source.hf_dir, scan_layers=True)
         self.eval_model = models.build_model(self.source.config, scan_layers=True)
+        import jax
+
+        self.device = jax.devices()[0].device_kind
         self.timings: dict[str, Any] = {"load_seconds": round(time.time() - started, 1),
                                         "programs": {}}
         self.failed: list[str] = []
+        # Wall time of the plan: the first program's start to the last row written.
+        self.first_start: float | None = None
+        self.last_row: float | None = None
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -116,7 +122,8 @@ class Runner:
     # -- scoring ------------------------------------------------------------------------------
 
     def score(self, task: str, params, data: TaskData, seed: int) -> dict[str, Any]:
-        from molf_jax.experiments.scoring import case_scores, metric_of
+        from molf_jax.experiments.scoring import case_scores
+        from molf_jax.experiments.stats import metric_of
 
         row: dict[str, Any] = {}
         for split, records in (("val", data.val[seed]), ("test", data.test[seed])):
@@ -161,6 +168,7 @@ class Runner:
         members = list(members or program.members)
         config = self._config(program, data.size, steps)
         started = time.time()
+        self.first_start = self.first_start or started
         result = train_members(config, self.source.config, self.base_params,
                                [data.train[m.seed] for m in members], members,
                                pad_id=pad_token_id(self.tokenizer))
@@ -190,6 +198,9 @@ class Runner:
                                          "lora_lr": member.lora_lr}})
         del result
         timing = self.timings["programs"].setdefault(program.name, {})
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            timing["peak_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 1)
         timing.update(members=timing.get("members", 0) + len(members),
                       train_seconds=round(timing.get("train_seconds", 0) + trained - started, 1),
                       score_seconds=round(timing.get("score_seconds", 0) + time.time() - trained,
@@ -219,6 +230,7 @@ class Runner:
             data = self.task_data(task, plan.preset, plan.seeds)
             _say(f"{task}: data ready ({time.time() - t0:.1f} s); {len(todo)} programs")
             if not base_done:
+                self.first_start = self.first_start or time.time()
                 self._write([self.base_row(task, data, first)])
             for program in todo:
                 self._write(self._with_retry(program, data, steps))
@@ -252,10 +264,18 @@ class Runner:
 
     def _write(self, rows: list[dict]) -> None:
         for row in rows:
+            row.setdefault("device", self.device)
             path = self.out_dir / "rows" / f"{row_name(row)}.json"
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(json.dumps(row))
             tmp.replace(path)
+        self.last_row = time.time()
+
+    @property
+    def plan_wall_seconds(self) -> float | None:
+        if self.first_start is None or self.last_row is None:
+            return None
+        return round(self.last_row - self.first_start, 1)
 
 
 def _routing_summary(result, k: int, mode: str) -> dict[str, Any] | None:
@@ -276,5 +296,18 @@ def _routing_summary(result, k: int, mode: str) -> dict[str, Any] | None:
             "share": round(float(winners[:, :, column].mean()), 4)}
 
 
-def grids() -> dict[str, list[str]]:
-    return grid_labels()
+def collect(out_dir: Path, seeds, *, command: str, plan_wall_seconds: float | None,
+            failed_runs: list[str], timings: dict | None = None) -> tuple[dict, list[dict]]:
+    """results.json's content from the rows on disk: the summary per task, the routing study,
+    and the record of the run itself (command, device, wall time, failed runs, timings)."""
+    from molf_jax.experiments.stats import study_table, summarise
+
+    rows = read_rows(out_dir)
+    grids = grid_labels()
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    results = {"command": command, "device": ", ".join(devices) or None,
+               "runs": len(rows), "plan_wall_seconds": plan_wall_seconds,
+               "failed_runs": list(failed_runs), "timings": timings or {},
+               "tasks": summarise(rows, seeds, grids, with_retention=True),
+               "study": study_table(rows, seeds, grids)}
+    return results, rows

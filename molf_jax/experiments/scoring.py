@@ -22,34 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from molf_jax.data import prompt_ids, sql_example
-from molf_jax.eval import (extract_sql, fact_queries, fact_scores, pad_token_id, prompt_batches,
-                           sql_metrics)
+from molf_jax.eval import (decode_generation, extract_sql, fact_queries, fact_scores,
+                           pad_token_id, prompt_batches, sql_metrics)
 from molf_jax.generation import greedy_generate
 from molf_jax.models import output_kernel, soft_cap
 
-__all__ = ["case_scores", "metric_of", "PRIMARY", "SQL_MAX_NEW_TOKENS"]
+__all__ = ["case_scores", "SQL_MAX_NEW_TOKENS"]
 
-# The metric each task is judged by (0-100). Fact: the harmonic mean of the two scores on
-# prompts that were never trained (paraphrases of the edit, unedited neighbours).
-PRIMARY = {"sql": "execution_accuracy", "med": "accuracy", "fact": "heldout_score"}
 # The offline SQL answers are at most about 90 tokens; generation stops early once every row
 # has written EOS.
 SQL_MAX_NEW_TOKENS = 160
-
-
-def metric_of(task: str, cases: dict[str, Any]) -> float:
-    """The task's primary metric (0-100) from per-case scores (arrays or lists).
-
-    Example:
-      >>> metric_of("med", {"correct": [1, 0, 1, 1]})
-      75.0
-      >>> round(metric_of("fact", {"paraphrase": [1, 0], "neighborhood": [1, 1]}), 2)
-      66.67
-    """
-    if task != "fact":
-        return 100 * float(np.mean(cases["correct"]))
-    parts = [float(np.mean(cases["paraphrase"])), float(np.mean(cases["neighborhood"]))]
-    return 0.0 if min(parts) <= 0 else 100 * 2 / (1 / parts[0] + 1 / parts[1])
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -97,7 +79,7 @@ def _sql_cases(model, params, tokenizer, records, batch_size: int) -> dict[str, 
                               eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=pad_token_id(tokenizer))
         for row, i in enumerate(index):
-            texts[i] = tokenizer.decode(out[row], skip_special_tokens=True)
+            texts[i] = decode_generation(tokenizer, out[row])
     return {"correct": [sql_metrics([extract_sql(t)], [r])["execution_accuracy"]["value"]
                         for t, r in zip(texts, records)]}
 
@@ -116,7 +98,7 @@ def case_scores(task: str, model, params: Any, tokenizer, records: Sequence[dict
 
     Example:
       >>> cases = case_scores("fact", model, params, tokenizer, records)   # doctest: +SKIP
-      >>> metric_of("fact", cases)                                         # doctest: +SKIP
+      >>> molf_jax.experiments.metric_of("fact", cases)                    # doctest: +SKIP
     """
     if task == "fact":
         return _fact_cases(model, params, tokenizer, records, batch_size)
