@@ -3,6 +3,13 @@
 ``scripts/reproduce.py`` is its entry point; tests import this package.
 """
 
+# Training many runs of one mode as one program (seeds and rates vmapped).
+from molf_jax.experiments.sweep import Member, SweepResult, member_params, train_members
+
+# The plan: grids, tasks and their sizes, programs.
+from molf_jax.experiments.plan import (GRIDS, PRESETS, STUDY, Plan, Program, TaskSize,
+                                       grid_labels, programs, setting_label)
+
 # Statistics: tuning on validation, paired bootstrap, claims (pure functions over rows).
 from molf_jax.experiments.stats import (
     BOOTSTRAP_SAMPLES,
@@ -30,6 +37,19 @@ from molf_jax.experiments.stats import (
 from molf_jax.experiments.render import BEGIN, END, in_step, plot_study, render, splice
 
 __all__ = [
+    "GRIDS",
+    "Member",
+    "PRESETS",
+    "Plan",
+    "Program",
+    "STUDY",
+    "SweepResult",
+    "TaskSize",
+    "grid_labels",
+    "member_params",
+    "programs",
+    "setting_label",
+    "train_members",
     "BEGIN",
     "BOOTSTRAP_SAMPLES",
     "CI_PERCENTILES",
