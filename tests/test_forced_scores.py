@@ -130,6 +130,9 @@ def test_offline_med_trains_on_the_option_text_then_eos():
     assert "option's text" not in med_example(lettered).prompt
     with pytest.raises(ValueError, match="no authors' protocol"):
         render_example("med", record, protocol="authors")
+    with pytest.raises(ValueError, match="no authors' protocol"):
+        evaluate_task("med", None, None, TOK, [record], protocol="authors",
+                      generate_fn=lambda ids, mask: ids[:, :1])
     with pytest.raises(ValueError, match="answer with a letter"):
         med_text_correct_forced(None, None, TOK, [lettered], batch_size=1)
 
