@@ -156,7 +156,6 @@ def _question(rng, t, child):
     anti-joins, ranking over aggregates), so that a model fine-tuned on a thousand examples
     does not reach every query.
     """
-    name = t["name"]
     text_col, num_col = rng.choice(t["text"]), rng.choice(t["num"])
     row = rng.choice(t["rows"])
     value = row[text_col]
