@@ -17,36 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import time
 
 from molf_jax.data._offline_mcq import KNOWN_FILE, candidates
-
-
-def answered(continuation: str, answer: str) -> bool:
-    """Whether a greedy continuation gives ``answer`` as a whole word or number.
-
-    Example:
-      >>> answered(' 19\\n4 + 1', '19'), answered(' 190', '19'), answered(' Paris.', 'Paris')
-      (True, False, True)
-    """
-    text = continuation.lstrip()
-    return text.startswith(answer) and not re.match(r"\w", text[len(answer):len(answer) + 1])
-
-
-def known_by_forcing(facts, model, params, tokenizer, *, batch_size: int) -> list[bool]:
-    """Whether greedy decoding writes each fact's completion, from one forced pass per batch."""
-    from molf_jax.data import prompt_ids
-    from molf_jax.eval import pad_token_id, teacher_forced_argmax
-
-    completions = [tokenizer(f.completion, add_special_tokens=False)["input_ids"] for f in facts]
-    rows = teacher_forced_argmax(model, params, [prompt_ids(tokenizer, f.cloze) for f in facts],
-                                 completions, pad_id=pad_token_id(tokenizer),
-                                 batch_size=batch_size)
-    return [list(row[:-1]) == list(ids)
-            and answered(f.completion + tokenizer.decode(row[-1:], skip_special_tokens=True),
-                         f.answer)
-            for f, ids, row in zip(facts, completions, rows)]
+from molf_jax.eval import answered, known_by_forcing
 
 
 def known_by_generating(facts, model, params, tokenizer, *, batch_size: int) -> list[bool]:

@@ -10,7 +10,15 @@ import pytest
 import importlib.util
 from pathlib import Path
 
-from molf_jax.data import _offline_mcq, load_task, render_example
+from molf_jax.data import (
+    SQL_KINDS,
+    _offline_mcq,
+    _offline_sql,
+    forgetting_probe,
+    load_task,
+    offline_option_names,
+    render_example,
+)
 from molf_jax.eval import execute_sql
 
 
@@ -151,3 +159,82 @@ def test_fact_anchors_keep_the_answer_the_name_suggests_and_are_never_evaluated(
 def test_offline_fact_rejects_sizes_beyond_its_name_pools():
     with pytest.raises(ValueError, match="size must be in 1.."):
         load_task("fact", "offline", size=10**6)
+
+
+# --- knobs for tasks that inform at 270M (issue 24) ----------------------------------------
+
+# sha256 of generate(...) as main e4c8e17 wrote it, before held_out_kinds existed.
+_SQL_BEFORE_KNOBS = {
+    (60, 25, 7): "44a64ad9c6bcdab65fe4e42e9939c281522ce0d3525beb642766e850d773b580",
+    (10, None, 0): "78a75c4f5634575f989e077135fde35fb11e84467c0c28ec543574a149e73062",
+}
+
+
+@pytest.mark.parametrize("size,eval_size,seed", sorted(_SQL_BEFORE_KNOBS, key=str))
+def test_sql_without_held_out_kinds_writes_the_same_records_as_before(size, eval_size, seed):
+    for options in ({}, {"held_out_kinds": ()}):
+        train, evals = _offline_sql.generate(size=size, eval_size=eval_size, seed=seed,
+                                             **options)
+        blob = json.dumps([train, evals], sort_keys=True).encode()
+        assert hashlib.sha256(blob).hexdigest() == _SQL_BEFORE_KNOBS[size, eval_size, seed]
+
+
+def test_sql_held_out_kinds_never_train_and_are_marked_in_evaluation():
+    held = ("join_top", "above_average", "having")
+    data = load_task("sql", "offline", size=120, eval_size=300, seed=3,
+                     offline_options={"held_out_kinds": held})
+    assert (len(data.train), len(data.eval)) == (120, 300)
+    assert not {r["query_kind"] for r in data.train} & set(held)
+    assert {r["query_kind"] for r in data.eval} == set(SQL_KINDS)  # evaluation: every kind
+    for record in data.eval:
+        assert record["held_out_kind"] == (record["query_kind"] in held)
+    train_keys = {(r["sql_prompt"], r["sql_context"]) for r in data.train}
+    assert not train_keys & {(r["sql_prompt"], r["sql_context"]) for r in data.eval}
+    # The evaluation split keeps the natural mix: about 3 of 19 kinds are held out.
+    share = sum(r["held_out_kind"] for r in data.eval) / len(data.eval)
+    assert 0.08 < share < 0.25, share
+
+
+def test_offline_options_are_checked_by_name_and_source():
+    with pytest.raises(ValueError, match=r"\['held_out'\] not known for offline sql; it takes "
+                                         "held_out_kinds"):
+        load_task("sql", "offline", size=10, offline_options={"held_out": ("count",)})
+    with pytest.raises(ValueError, match="unknown query kind"):
+        load_task("sql", "offline", size=10, offline_options={"held_out_kinds": ("counts",)})
+    with pytest.raises(ValueError, match="a tuple of kind names"):
+        load_task("sql", "offline", size=10, offline_options={"held_out_kinds": "count"})
+    with pytest.raises(ValueError, match="every single-table kind"):
+        load_task("sql", "offline", size=10,
+                  offline_options={"held_out_kinds": _offline_sql.SINGLE_TABLE_KINDS})
+    with pytest.raises(ValueError, match="source 'offline' only"):
+        load_task("med", "somewhere/medmcqa", offline_options={"known_only": False})
+    assert load_task("fact", "offline", size=4, offline_options={"anchors": False}).train == \
+        load_task("fact", "offline", size=4).eval
+
+
+def test_offline_med_records_answer_with_the_option_text():
+    data = load_task("med", "offline", size=30, seed=0)
+    assert {r["answer_style"] for r in data.train + data.eval} == {"option_text"}
+    assert offline_option_names("med") == ("known_only",)
+
+
+def test_forgetting_probe_is_fixed_known_and_balanced_over_families():
+    probe = forgetting_probe(400, seed=0)
+    assert probe == forgetting_probe(400, seed=0) and probe != forgetting_probe(400, seed=1)
+    assert len({f.cloze for f in probe}) == 400
+    known = _offline_mcq.known_clozes()
+    by_cloze = {f.cloze: f for f in _offline_mcq.candidates()}
+    for fact in probe:
+        assert fact.cloze in known
+        source = by_cloze[fact.cloze]
+        assert (fact.completion, fact.answer, fact.family) == (
+            source.completion, source.answer, source.family)
+    known_per_family = collections.Counter(by_cloze[c].family for c in known)
+    counts = collections.Counter(f.family for f in probe)
+    # Round-robin: a family gives all it has, or at least as many as any other family gives.
+    for family, count in counts.items():
+        assert count == known_per_family[family] or count >= max(counts.values()) - 1
+    assert set(counts) == set(known_per_family)
+    assert forgetting_probe(16, seed=0) == probe[:16]
+    with pytest.raises(ValueError, match="n must be in 1.."):
+        forgetting_probe(len(known) + 1)

@@ -61,8 +61,9 @@ def test_sql_gold_generations_score_one_and_wrong_ones_zero(source):
 
 
 def test_med_gold_letters_score_one_every_prompt_once():
-    # The offline Med task evaluates on every known fact it did not train on; take nine of them.
-    records = load_task("med", "offline", size=9, seed=1).eval[:9]
+    # Nine offline Med facts in MedMCQA's form (answered with a letter: no answer_style).
+    records = [{k: v for k, v in r.items() if k != "answer_style"}
+               for r in load_task("med", "offline", size=9, seed=1).eval[:9]]
     gold = {med_prompt(r): " " + OPTION_LETTERS[r["cop"]] + ". because" for r in records}
     seen = []
     metrics = evaluate_task("med", None, None, TOK, records, batch_size=4,

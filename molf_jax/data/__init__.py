@@ -11,18 +11,24 @@ See ``molf_jax/data/README.md`` for formats, prompts and how the offline tasks a
 """
 
 # Loading records.
-from molf_jax.data._tasks import OFFLINE, TaskData, load_task
+from molf_jax.data._tasks import OFFLINE, TaskData, load_task, offline_option_names
+from molf_jax.data._offline_mcq import ProbeFact, forgetting_probe
+from molf_jax.data._offline_sql import KINDS as SQL_KINDS
 from molf_jax.data._sources import SourceSplits, read_source
 
 # Prompt and target text.
 from molf_jax.data._prompts import (
     OPTION_LETTERS,
+    OPTION_TEXT,
     TASKS,
     Example,
+    answers_with_text,
+    correct_option,
     fact_example,
     fill_subject,
     med_example,
     med_prompt,
+    option_texts,
     sql_example,
 )
 from molf_jax.data._authors_prompts import (
@@ -68,6 +74,9 @@ __all__ = [
     "MOLF_JAX",
     "OFFLINE",
     "OPTION_LETTERS",
+    "OPTION_TEXT",
+    "ProbeFact",
+    "SQL_KINDS",
     "PROTOCOLS",
     "PROTOCOL_SETTINGS",
     "ProtocolSettings",
@@ -80,8 +89,10 @@ __all__ = [
     "Example",
     "SourceSplits",
     "TaskData",
+    "answers_with_text",
     "authors_fact_prompt",
     "byte_level_tokenizer",
+    "correct_option",
     "encode_example",
     "encode_examples",
     "encode_records",
@@ -89,9 +100,12 @@ __all__ = [
     "eval_prompt_ids",
     "fact_example",
     "fill_subject",
+    "forgetting_probe",
     "load_task",
     "med_example",
     "med_prompt",
+    "offline_option_names",
+    "option_texts",
     "pad_right",
     "pad_token_id",
     "prompt_ids",

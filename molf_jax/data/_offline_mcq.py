@@ -2,8 +2,11 @@
 
 The Med-style task teaches a *format*, not facts: every question asks something the base model
 answers correctly when asked in a plain cloze form ("27 + 15 =", "The capital of Peru is"), so
-fine-tuning only has to map knowledge the model holds onto an answer letter. That is where the
-paper expects LoRA's low-rank update to suffice and full fine-tuning to forget more.
+fine-tuning only has to map knowledge the model holds onto the multiple-choice format. That is
+where the paper expects LoRA's low-rank update to suffice and full fine-tuning to forget more.
+The answer is the correct option's *text* (``answer_style: 'option_text'``), not its letter:
+Gemma 3 270M did not learn which letter goes with which option in 20 optimizer steps (every
+method scored 25%, chance), while writing the option's text asks it for the fact it knows.
 
 Candidates come from a few families of common knowledge (sums, differences and products of small
 numbers, the next number of a count, capitals, opposites, past tenses, plurals), each with a cloze prompt, an answer and three plausible
@@ -15,8 +18,11 @@ is the format, on knowledge that is there.
 
 Records follow the MedMCQA columns (``id``, ``question``, ``opa``..``opd``, ``cop`` 0-based,
 ``choice_type``, ``exp``, ``subject_name`` = family, ``topic_name`` = family), plus
-``fact_id`` (the cloze prompt). Training and evaluation items never share a fact, and answer
-positions are balanced over A-D in each split, so always answering one letter scores 25%.
+``fact_id`` (the cloze prompt) and ``answer_style``. Training and evaluation items never share a
+fact, and answer positions are balanced over A-D in each split.
+
+:func:`forgetting_probe` picks a fixed set of the known facts, asked in their cloze form, to
+measure what a fine-tuned model has forgotten of what its base model knew.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from molf_jax.data._prompts import ANSWER_STYLE, OPTION_TEXT
 
 KNOWN_FILE = Path(__file__).with_name("known_cases.json")
 
@@ -204,7 +212,7 @@ def _item(index: int, fact: Candidate, position: int) -> dict[str, Any]:
     return {"id": f"offline-med-{index}", "question": fact.question, "opa": options[0],
             "opb": options[1], "opc": options[2], "opd": options[3], "cop": position,
             "choice_type": "single", "exp": "", "subject_name": fact.family,
-            "topic_name": fact.family, "fact_id": fact.cloze}
+            "topic_name": fact.family, "fact_id": fact.cloze, ANSWER_STYLE: OPTION_TEXT}
 
 
 def generate(*, size: int, seed: int = 0, known_only: bool = True
@@ -235,3 +243,65 @@ def generate(*, size: int, seed: int = 0, known_only: bool = True
     evals = [_item(size + i, f, p) for i, (f, p) in
              enumerate(zip(eval_facts, _positions(rng, len(eval_facts))))]
     return train, evals
+
+
+class ProbeFact(NamedTuple):
+    """One known fact of the forgetting probe, asked in its cloze form.
+
+    Attributes:
+      cloze: the prompt ("The capital of Peru is").
+      completion: what the base model writes after it (" Lima"; see
+        :attr:`Candidate.completion`).
+      answer: the answer itself ("Lima").
+      family: the fact's family ("capital").
+    """
+
+    cloze: str
+    completion: str
+    answer: str
+    family: str
+
+
+def forgetting_probe(n: int = 400, seed: int = 0) -> list[ProbeFact]:
+    """``n`` facts the embedded base model knows, to score what fine-tuning made it forget.
+
+    The facts come from :func:`candidates` filtered by ``known_cases.json``, taken round-robin
+    over the families (each family's known facts shuffled by ``seed``), so the probe is as
+    balanced over families as their known counts allow: a family with fewer known facts than
+    its share gives all it has. The same ``n`` and ``seed`` always give the same facts, in the
+    same order. Score them with :func:`molf_jax.eval.retained_facts`.
+
+    Args:
+      n: number of facts (at most the number of known facts).
+      seed: which facts of each family.
+
+    Example:
+      >>> probe = forgetting_probe(8)
+      >>> len(probe), len({f.family for f in probe})
+      (8, 8)
+      >>> probe[0].completion.strip() == probe[0].answer
+      True
+    """
+    known = known_clozes()
+    if known is None:
+        raise ValueError(f"forgetting_probe needs {KNOWN_FILE.name} (written by "
+                         "scripts/known_facts.py); it is missing")
+    families: dict[str, list[Candidate]] = {}
+    for fact in candidates():
+        if fact.cloze in known:
+            families.setdefault(fact.family, []).append(fact)
+    total = sum(len(facts) for facts in families.values())
+    if not 0 < n <= total:
+        raise ValueError(f"forgetting_probe: n must be in 1..{total} (the known facts), got {n}")
+    rng = random.Random(f"molf-forgetting-probe-{seed}")
+    queues = []
+    for family in families:  # candidates() order, so the family order is fixed too
+        facts = families[family]
+        rng.shuffle(facts)
+        queues.append(facts)
+    chosen: list[Candidate] = []
+    while len(chosen) < n:
+        for facts in queues:
+            if facts and len(chosen) < n:
+                chosen.append(facts.pop())
+    return [ProbeFact(f.cloze, f.completion, f.answer, f.family) for f in chosen]

@@ -69,6 +69,14 @@ _NUMBER_COLUMNS = {
 }
 _CHILD_NUMBER_RANGE = (1, 500)
 
+# The query kinds (templates); the join kinds need a child table.
+SINGLE_TABLE_KINDS = ("filter_text", "filter_number", "count", "average", "extreme", "group",
+                      "top", "two_conditions", "above_average", "having", "count_distinct",
+                      "either")
+JOIN_KINDS = ("join_sum", "join_count", "join_group", "join_in", "join_not_in", "join_top",
+              "join_having")
+KINDS = SINGLE_TABLE_KINDS + JOIN_KINDS
+
 
 def _table(rng: random.Random) -> dict[str, Any]:
     name = rng.choice(_TABLES)
@@ -142,24 +150,25 @@ def _a(word: str) -> str:
 
 
 def _question(rng, t, child):
-    """Returns (question, sql, complexity) for one random template.
+    """Returns (question, sql, complexity, kind) for one random template.
 
     Half the templates are the harder kinds (joins with GROUP BY, HAVING, nested subqueries,
     anti-joins, ranking over aggregates), so that a model fine-tuned on a thousand examples
     does not reach every query.
     """
-    name = t["name"]
     text_col, num_col = rng.choice(t["text"]), rng.choice(t["num"])
     row = rng.choice(t["rows"])
     value = row[text_col]
     numbers = sorted({r[num_col] for r in t["rows"]})
     threshold = numbers[rng.randrange(len(numbers) - 1)] if len(numbers) > 1 else numbers[0] - 1
-    kinds = ["filter_text", "filter_number", "count", "average", "extreme", "group", "top",
-             "two_conditions", "above_average", "having", "count_distinct", "either"]
-    if child is not None:
-        kinds += ["join_sum", "join_count", "join_group", "join_in", "join_not_in",
-                  "join_top", "join_having"]
+    kinds = list(SINGLE_TABLE_KINDS) + (list(JOIN_KINDS) if child is not None else [])
     kind = rng.choice(kinds)
+    return (*_template(rng, kind, t, child, text_col, num_col, value, threshold), kind)
+
+
+def _template(rng, kind, t, child, text_col, num_col, value, threshold):
+    """(question, sql, complexity) of ``kind``; draws its wording from ``rng``."""
+    name = t["name"]
     tc, nc = _pretty(text_col), _pretty(num_col)
     if kind == "filter_text":
         q = rng.choice([
@@ -338,13 +347,13 @@ def _runs_nonempty(context: str, sql: str) -> bool:
     return bool(rows) and rows[0] != (None,) and rows[0] != (0,)
 
 
-def _example(rng: random.Random, index: int) -> dict[str, Any]:
+def _example(rng: random.Random, index: int) -> tuple[dict[str, Any], str]:
     while True:
         table = _table(rng)
         child = _child_table(rng, table) if rng.random() < 0.7 else None
         tables = [table] + ([child] if child else [])
         context = _context(tables)
-        question, sql, complexity = _question(rng, table, child)
+        question, sql, complexity, kind = _question(rng, table, child)
         # Resample (deterministically, from the same stream) until the gold result is non-empty,
         # so execution accuracy cannot be won by a query that returns nothing.
         if _runs_nonempty(context, sql) and _unambiguous(context, sql):
@@ -355,11 +364,28 @@ def _example(rng: random.Random, index: int) -> dict[str, Any]:
                 "sql_prompt": question,
                 "sql_context": context,
                 "sql": sql,
-            }
+            }, kind
+
+
+def _check_kinds(held_out_kinds) -> tuple[str, ...]:
+    if isinstance(held_out_kinds, str):
+        raise ValueError(f"held_out_kinds must be a tuple of kind names, got the string "
+                         f"{held_out_kinds!r}; write ({held_out_kinds!r},)")
+    held = tuple(held_out_kinds)
+    unknown = [k for k in held if k not in KINDS]
+    if unknown:
+        raise ValueError(f"held_out_kinds: unknown query kind(s) {unknown}; kinds are "
+                         f"{', '.join(KINDS)}")
+    if set(SINGLE_TABLE_KINDS) <= set(held):
+        # Schemas without a child table only draw single-table kinds.
+        raise ValueError("held_out_kinds holds out every single-table kind; training needs at "
+                         f"least one of {', '.join(SINGLE_TABLE_KINDS)}")
+    return held
 
 
 def generate(
-    *, size: int, eval_size: int | None = None, seed: int = 0
+    *, size: int, eval_size: int | None = None, seed: int = 0,
+    held_out_kinds: tuple[str, ...] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Generates ``size`` training and ``eval_size`` (default ``size // 5``) held-out examples.
 
@@ -367,19 +393,43 @@ def generate(
     ``sql_complexity``, ``sql_prompt``, ``sql_context``, ``sql``). No (question, context) pair
     appears in both splits.
 
+    Args:
+      size: training examples.
+      eval_size: evaluation examples (default ``size // 5``, at least 1).
+      seed: the generation seed.
+      held_out_kinds: query kinds (:data:`KINDS`) training never sees: examples of those
+        kinds drawn while training fills are discarded, so evaluation (drawn after training,
+        from every kind) keeps the natural mix of kinds. When given, every record also gets
+        ``query_kind`` and every evaluation record ``held_out_kind`` (bool). Left empty, the
+        records are exactly those of earlier versions for the same ``size``, ``eval_size``
+        and ``seed``.
+
     Example:
       >>> train, evals = generate(size=10, seed=0)
       >>> len(train), len(evals), train[0]['sql'].startswith('SELECT')
       (10, 2, True)
+      >>> train, evals = generate(size=20, eval_size=40, seed=0, held_out_kinds=('join_top',))
+      >>> 'join_top' in {r['query_kind'] for r in train}, type(evals[0]['held_out_kind'])
+      (False, <class 'bool'>)
     """
+    held = _check_kinds(held_out_kinds)
     eval_size = max(1, size // 5) if eval_size is None else eval_size
     rng = random.Random(f"molf-offline-sql-{seed}")
-    records: list[dict[str, Any]] = []
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
-    while len(records) < size + eval_size:
-        record = _example(rng, len(records))
+    while len(train) + len(evals) < size + eval_size:
+        record, kind = _example(rng, len(train) + len(evals))
         key = (record["sql_prompt"], record["sql_context"])
-        if key not in seen:
-            seen.add(key)
-            records.append(record)
-    return records[:size], records[size:]
+        if key in seen:
+            continue
+        filling_train = len(train) < size
+        if filling_train and kind in held:
+            continue
+        seen.add(key)
+        if held:
+            record["query_kind"] = kind
+            if not filling_train:
+                record["held_out_kind"] = kind in held
+        (train if filling_train else evals).append(record)
+    return train, evals

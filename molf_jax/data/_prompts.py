@@ -13,6 +13,10 @@ from typing import Any, Mapping
 TASKS = ("sql", "med", "fact")
 OPTION_LETTERS = ("A", "B", "C", "D")
 OPTION_COLUMNS = ("opa", "opb", "opc", "opd")
+# A Med record with ``answer_style: OPTION_TEXT`` (the offline task's) is answered with the
+# correct option's text; MedMCQA records (no such field) are answered with its letter.
+ANSWER_STYLE = "answer_style"
+OPTION_TEXT = "option_text"
 
 # Alpaca's two templates (with and without an input block), worded as in the Stanford Alpaca
 # release; the SQL task puts the question in the instruction and the schema in the input.
@@ -61,11 +65,41 @@ def sql_example(record: Mapping[str, Any], *, with_context: bool = True) -> Exam
     return Example(prompt=prompt, target=str(record["sql"]).strip(), add_eos=True)
 
 
+def answers_with_text(record: Mapping[str, Any]) -> bool:
+    """Whether a Med record is answered with its option's text (offline) or letter (MedMCQA).
+
+    Example:
+      >>> answers_with_text({'answer_style': 'option_text'}), answers_with_text({'cop': 0})
+      (True, False)
+    """
+    return record.get(ANSWER_STYLE) == OPTION_TEXT
+
+
+def option_texts(record: Mapping[str, Any]) -> list[str]:
+    """The four options of a Med record, stripped, in A-D order."""
+    return [str(record[column]).strip() for column in OPTION_COLUMNS]
+
+
+def correct_option(record: Mapping[str, Any]) -> str:
+    """The correct option's text, stripped (``cop`` is 0-based).
+
+    Example:
+      >>> correct_option({'opa': 'w', 'opb': ' x ', 'opc': 'y', 'opd': 'z', 'cop': 1})
+      'x'
+    """
+    return option_texts(record)[int(record["cop"])]
+
+
 def med_prompt(record: Mapping[str, Any]) -> str:
-    """The 4-option question text of a MedMCQA record, ending in ``"Answer:"``."""
+    """The 4-option question text of a MedMCQA record, ending in ``"Answer:"``.
+
+    A record answered with the option's text says so on the line before ``"Answer:"``.
+    """
     lines = [f"Question: {str(record['question']).strip()}"]
-    for letter, column in zip(OPTION_LETTERS, OPTION_COLUMNS):
-        lines.append(f"{letter}. {str(record[column]).strip()}")
+    for letter, text in zip(OPTION_LETTERS, option_texts(record)):
+        lines.append(f"{letter}. {text}")
+    if answers_with_text(record):
+        lines.append("Answer with the option's text.")
     lines.append("Answer:")
     return "\n".join(lines)
 
@@ -74,13 +108,21 @@ def med_example(record: Mapping[str, Any]) -> Example:
     """Renders a MedMCQA record; ``cop`` is the 0-based correct option (hub ClassLabel a..d).
 
     The target is the answer letter with a leading space (the prompt ends in ``"Answer:"``).
+    A record with ``answer_style: 'option_text'`` (the offline task) is answered with the
+    correct option's text instead, then EOS, so the model learns where the answer stops.
 
     Example:
-      >>> ex = med_example({'question': 'Q?', 'opa': 'w', 'opb': 'x', 'opc': 'y', 'opd': 'z',
-      ...                   'cop': 1})
-      >>> ex.prompt.splitlines()[-1], ex.target
-      ('Answer:', ' B')
+      >>> rec = {'question': 'Q?', 'opa': 'w', 'opb': 'x', 'opc': 'y', 'opd': 'z', 'cop': 1}
+      >>> ex = med_example(rec)
+      >>> ex.prompt.splitlines()[-1], ex.target, ex.add_eos
+      ('Answer:', ' B', False)
+      >>> ex = med_example({**rec, 'answer_style': 'option_text'})
+      >>> ex.prompt.splitlines()[-2:], ex.target, ex.add_eos
+      (["Answer with the option's text.", 'Answer:'], ' x', True)
     """
+    if answers_with_text(record):
+        return Example(prompt=med_prompt(record), target=" " + correct_option(record),
+                       add_eos=True)
     return Example(
         prompt=med_prompt(record), target=" " + OPTION_LETTERS[int(record["cop"])], add_eos=False
     )

@@ -10,7 +10,14 @@ from molf_jax.data._authors_prompts import (
     authors_med_example,
     authors_sql_example,
 )
-from molf_jax.data._prompts import TASKS, Example, fact_example, med_example, sql_example
+from molf_jax.data._prompts import (
+    TASKS,
+    Example,
+    answers_with_text,
+    fact_example,
+    med_example,
+    sql_example,
+)
 from molf_jax.data._protocol import AUTHORS, MOLF_JAX, PROTOCOLS
 
 
@@ -37,6 +44,10 @@ def render_example(
     """
     _check(task, protocol)
     if protocol == AUTHORS:
+        if task == "med" and answers_with_text(record):
+            raise ValueError("Med records answered with the option's text (the offline task) "
+                             "have no authors' protocol (theirs answers with a letter); use "
+                             "protocol='molf_jax'")
         if task == "sql":
             return authors_sql_example(record, with_context=sql_with_context)
         return authors_med_example(record) if task == "med" else authors_fact_example(record)

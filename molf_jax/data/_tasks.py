@@ -9,9 +9,10 @@ missing columns and empty splits raise errors naming the file (or split) and col
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from molf_jax.data import _offline_fact, _offline_mcq, _offline_sql
 from molf_jax.data._prompts import OPTION_COLUMNS, TASKS
@@ -214,13 +215,31 @@ def _carve_eval(rows, eval_fraction, seed):
     return train, evals
 
 
-def _load_offline(task, size, eval_size, seed):
+_GENERATORS = {"sql": _offline_sql.generate, "med": _offline_mcq.generate,
+               "fact": _offline_fact.generate}
+
+
+def offline_option_names(task: str) -> tuple[str, ...]:
+    """The ``offline_options`` that ``load_task(task, 'offline', ...)`` accepts.
+
+    Example:
+      >>> offline_option_names('sql'), offline_option_names('med')
+      (('held_out_kinds',), ('known_only',))
+    """
+    names = inspect.signature(_GENERATORS[task]).parameters
+    return tuple(n for n in names if n not in ("size", "eval_size", "seed"))
+
+
+def _load_offline(task, size, eval_size, seed, options):
     size = 1000 if size is None else size
+    allowed = offline_option_names(task)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"offline_options: {unknown} not known for offline {task}; it takes "
+                         f"{', '.join(allowed) or 'none'}")
     if task == "sql":
-        return _offline_sql.generate(size=size, eval_size=eval_size, seed=seed)
-    if task == "med":
-        return _offline_mcq.generate(size=size, seed=seed)
-    return _offline_fact.generate(size=size, seed=seed)
+        return _offline_sql.generate(size=size, eval_size=eval_size, seed=seed, **options)
+    return _GENERATORS[task](size=size, seed=seed, **options)
 
 
 def load_task(
@@ -237,6 +256,7 @@ def load_task(
     max_train_records: int | None = None,
     max_eval_records: int | None = None,
     protocol: str | None = None,
+    offline_options: Mapping[str, Any] | None = None,
 ) -> TaskData:
     """Loads a task's records from the hub, a local file/folder, or the offline generators.
 
@@ -258,6 +278,9 @@ def load_task(
       max_eval_records: keep only the first N evaluation records (source order).
       protocol: 'authors' or 'molf_jax' (default: 'authors' unless the source is offline);
         under 'authors' SQL rows with a blank schema are kept, as the authors keep them.
+      offline_options: offline only: options of the task's generator
+        (:func:`offline_option_names`): SQL ``held_out_kinds`` (query kinds training never
+        sees), Med ``known_only``, Fact ``anchors``. See ``molf_jax/data/README.md``.
 
     Returns:
       A :class:`TaskData`.
@@ -271,8 +294,10 @@ def load_task(
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     protocol = resolve_protocol(protocol, source)
     dropped: dict[str, int] = {}
+    if offline_options and source != OFFLINE:
+        raise ValueError(f"offline_options apply to source 'offline' only, not {source!r}")
     if source == OFFLINE:
-        train, evals = _load_offline(task, size, eval_size, seed)
+        train, evals = _load_offline(task, size, eval_size, seed, dict(offline_options or {}))
     else:
         read = read_source(source)
         names = list(read.splits)

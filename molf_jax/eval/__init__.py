@@ -18,6 +18,12 @@ from molf_jax.eval._runner import (
     prompt_batches,
 )
 from molf_jax.eval._teacher_forced import teacher_forced_argmax
+from molf_jax.eval._forced_scores import (
+    answered,
+    known_by_forcing,
+    med_text_correct_forced,
+    retained_facts,
+)
 from molf_jax.data import pad_token_id
 
 # Metrics.
@@ -30,7 +36,13 @@ from molf_jax.eval._sql_metrics import (
     sql_exact_match,
     sql_metrics,
 )
-from molf_jax.eval._med_metrics import first_option_letter, med_metrics
+from molf_jax.eval._med_metrics import (
+    first_option_letter,
+    med_metrics,
+    med_text_metrics,
+    text_answer,
+    text_correct,
+)
 from molf_jax.eval._fact_metrics import (
     FactQuery,
     distinguishing_tokens,
@@ -64,6 +76,7 @@ __all__ = [
     "REPORTED_METRICS",
     "RESULT_FIELDS",
     "SqlExecutionError",
+    "answered",
     "append_result_row",
     "authors_exact_match",
     "authors_execute",
@@ -86,15 +99,21 @@ __all__ = [
     "generate_texts",
     "jax_generate_fn",
     "jax_next_token_logits_fn",
+    "known_by_forcing",
     "left_pad",
     "med_metrics",
+    "med_text_correct_forced",
+    "med_text_metrics",
     "normalize_sql",
     "paper_comparison",
     "pad_token_id",
     "prompt_batches",
     "results_match",
+    "retained_facts",
     "sql_exact_match",
     "sql_metrics",
     "target_tokens",
     "teacher_forced_argmax",
+    "text_answer",
+    "text_correct",
 ]

@@ -25,6 +25,7 @@ from molf_jax.data import (
     PROTOCOL_SETTINGS,
     PROTOCOLS,
     TASKS,
+    answers_with_text,
     eval_prompt,
     eval_prompt_ids,
     pad_token_id,
@@ -181,6 +182,10 @@ def jax_next_token_logits_fn(model, params) -> LogitsFn:
 
 def _evaluate_generation(task, records, tokenizer, generate_fn, batch_size, pad_multiple,
                          sql_with_context, protocol):
+    if task == "med" and protocol == AUTHORS and any(answers_with_text(r) for r in records):
+        raise ValueError("Med records answered with the option's text (the offline task) have "
+                         "no authors' protocol (theirs answers with a letter); use "
+                         "protocol='molf_jax'")
     prompts = [eval_prompt(task, r, sql_with_context=sql_with_context, protocol=protocol)
                for r in records]
     texts = generate_texts(prompts, tokenizer, generate_fn, batch_size=batch_size,
@@ -252,8 +257,9 @@ def evaluate_task(
     """Scores ``model`` on task records; returns ``{metric: {'value': v, 'n': samples}}``.
 
     Metrics: 'sql' -> exact_match, execution_accuracy, execution_gold_failed (count);
-    'med' -> accuracy, no_letter (count); 'fact' -> efficacy_score, paraphrase_score,
-    neighborhood_score, skipped_target_prefix (count). Under ``protocol='authors'`` the
+    'med' -> accuracy, no_letter (count), or for records answered with the option's text
+    (the offline task) accuracy, valid_option (share); 'fact' -> efficacy_score,
+    paraphrase_score, neighborhood_score, skipped_target_prefix (count). Under ``protocol='authors'`` the
     prompts, tokens and generation budgets are the authors' and their metrics come first, named
     ``authors_*`` (SQL fractions, Med and Fact x100, as they report them), then ours on the same
     generations; :data:`molf_jax.eval.REPORTED_METRICS` names the one each task reports.
