@@ -1,7 +1,6 @@
-"""The reproduction: choosing by validation, the claim checks, the tables (molf_jax.experiments);
-planning and a whole tiny run (scripts/reproduce.py)."""
+"""The reproduction (molf_jax.experiments): choosing by validation, the claim checks, the plan's
+programs, the docs page in step with results.json, and a whole tiny run of scripts/reproduce.py."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,32 +13,19 @@ from molf_jax import experiments
 from tiny_run import tiny_hf_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "reproduction.md"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = load_script("reproduce")
-
-
-def row(task, method, setting, seed, val, cases):
-    return {"task": task, "method": method, "setting": setting,
-            "label": reproduce.setting_label(setting), "seed": seed, "val": val,
+def row(task, method, rates, seed, val, cases):
+    return {"task": task, "method": method, "setting": rates,
+            "label": experiments.setting_label(rates), "seed": seed, "val": val,
             "test": experiments.metric_of(task, cases), "test_cases": cases, "n_test": 4,
-            "size": {}, "device": "cpu"}
+            "device": "cpu"}
 
 
-FFT = reproduce.METHODS["fft"]      # the authors' sweep: 1e-4, 5e-5, 2e-5
-LORA = reproduce.METHODS["lora"]    # 5e-4, 5e-5
-# The sweeps as ordered grids of setting labels (what molf_jax.experiments tunes over).
-GRIDS = {"fft": ["fft_lr=0.0001", "fft_lr=5e-05", "fft_lr=2e-05"],
-         "lora": ["lora_lr=0.0005", "lora_lr=5e-05"], "molf": ["recipe"], "molfe": ["recipe"],
-         "molfe_top1": ["top_k=1"], "molf_gate": ["recipe"], "adalora": ["recipe"]}
+FFT = experiments.GRIDS["fft"][1]    # the authors' sweep: 1e-4, 5e-5, 2e-5
+LORA = experiments.GRIDS["lora"][1]  # 5e-4, 5e-5
+GRIDS = experiments.grid_labels()
 
 
 def test_rates_are_chosen_on_the_first_seeds_validation_then_the_order_of_the_sweep():
@@ -52,17 +38,27 @@ def test_rates_are_chosen_on_the_first_seeds_validation_then_the_order_of_the_sw
     assert chosen == {("med", "fft"): "fft_lr=5e-05", ("med", "lora"): "lora_lr=5e-05"}
 
 
-def test_later_seeds_wait_for_the_first_seeds_sweep_and_use_its_choice():
-    plan = reproduce.Plan(tasks=("med",), methods=("fft", "molf"), seeds=(0, 1), model="m",
-                          preset="smoke", study=False)
-    names = {j.name for j in reproduce.planned_jobs(plan, [])}
-    assert "med__molf__recipe__s1" in names                   # one setting: no wait
-    assert not any(n.startswith("med__fft") and n.endswith("s1") for n in names)
-    ok = {"correct": [1, 1, 0, 0]}
-    rows = [row("med", "fft", s, 0, v, ok) for s, v in zip(FFT, (10.0, 30.0, 20.0))]
-    names = {j.name for j in reproduce.planned_jobs(plan, rows)}
-    assert {n for n in names if n.startswith("med__fft") and n.endswith("s1")} == {
-        "med__fft__fft_lr=5e-05__s1"}
+def test_every_setting_runs_on_every_seed_in_one_program_per_mode_configuration():
+    plan = experiments.Plan(tasks=("med",), methods=("fft", "molf", "molf_recipe", "molfe",
+                                                     "molfe_top1"), seeds=(0, 1))
+    programs = {p.name: p for p in experiments.programs(plan, "med")}
+    assert set(programs) == {"med__fft", "med__molf", "med__molfe", "med__molfe__top_k1",
+                             "med__molf__pfn", "med__molf__score"}
+    fft = programs["med__fft"]
+    assert sorted((m.seed, m.fft_lr) for m in fft.members) == sorted(
+        (seed, r["fft_lr"]) for r in FFT for seed in (0, 1))
+    molf = programs["med__molf"]
+    # The recipe (5e-5, equal rates) is one of molf's grid members: one run serves both rows;
+    # the study's rate ratios (3 and 10) join on the first seed only.
+    recipe = experiments.Member(1, 5e-5, 5e-5)
+    assert ("molf_recipe", "fft_lr=5e-05,lora_lr=5e-05") in molf.methods[
+        molf.members.index(recipe)]
+    assert ("molf", "fft_lr=5e-05,lora_lr=5e-05") in molf.methods[molf.members.index(recipe)]
+    ratios = [m for m in molf.members if m.lora_lr != m.fft_lr]
+    assert sorted((m.seed, round(m.lora_lr / m.fft_lr, 6)) for m in ratios) == [(0, 3), (0, 10)]
+    assert len(molf.members) == 3 * 2 + 2
+    assert programs["med__molfe__top_k1"].settings == {"mode": "molfe", "top_k": 1}
+    assert [m.seed for m in programs["med__molf__pfn"].members] == [0]
 
 
 def test_paired_bootstrap_interval_of_a_difference():
@@ -99,11 +95,11 @@ def test_summary_compares_the_chosen_runs_over_seeds_with_the_issues_fields():
         runs = {"fft": np.ones(50, int), "lora": truth, "molf": truth,
                 "molfe": np.zeros(50, int), "molfe_top1": truth, "molf_gate": truth}
         for method, correct in runs.items():
-            for setting in reproduce.METHODS[method]:
-                rows.append(row("sql", method, setting, seed, 50.0, {"correct": correct}))
+            for rates in experiments.GRIDS[method][1]:
+                rows.append(row("sql", method, rates, seed, 50.0, {"correct": correct}))
     task = experiments.summarise(rows, [0, 1], GRIDS, samples=200)["sql"]
     assert task["seeds"] == [0, 1] and task["n_test"] == 4
-    assert set(task["methods"]) == set(reproduce.METHODS)
+    assert set(task["methods"]) == set(runs)
     assert task["methods"]["fft"]["setting"] == "fft_lr=0.0001"  # all tie: the first
     for key in ("fft_minus_lora", "molf_minus_best", "molfe_minus_lora"):
         assert set(task[key]) == {"mean", "ci95"}
@@ -114,11 +110,13 @@ def test_summary_compares_the_chosen_runs_over_seeds_with_the_issues_fields():
 
 
 def test_adalora_is_planned_and_compared_with_molfe():
-    plan = reproduce.Plan(tasks=("med",), methods=tuple(reproduce.methods_available()),
-                          seeds=(0,), model="m", preset="smoke", study=False)
-    assert "med__adalora__recipe__s0" in {j.name for j in reproduce.planned_jobs(plan, [])}
-    rows = [row("med", "molfe", {"mode": "molfe"}, 0, 50.0, {"correct": np.ones(40, int)}),
-            row("med", "adalora", {"mode": "adalora"}, 0, 50.0, {"correct": np.zeros(40, int)})]
+    plan = experiments.Plan(tasks=("med",), methods=tuple(experiments.GRIDS), seeds=(0,),
+                            study=False)
+    names = [p.name for p in experiments.programs(plan, "med")]
+    assert "med__adalora" in names
+    rows = [row("med", method, rates, 0, 50.0, {"correct": np.full(40, right)})
+            for method, right in (("molfe", 1), ("adalora", 0))
+            for rates in experiments.GRIDS[method][1]]
     task = experiments.summarise(rows, [0], GRIDS, samples=200)["med"]
     assert task["molfe_minus_adalora"]["mean"] == 100.0
     assert task["claims"]["molfe_beats_adalora"] == "yes"
@@ -127,38 +125,22 @@ def test_adalora_is_planned_and_compared_with_molfe():
 def test_every_real_task_holds_out_at_least_400_test_cases():
     from molf_jax.data import load_task
 
-    for task, size in reproduce.PRESETS["h200"].items():  # issue 17: >= 400 per task
+    for task, size in experiments.PRESETS["gpu"].items():  # issue 17: >= 400 per task
         extra = {"eval_size": size.eval_size} if size.eval_size else {}
-        records = load_task(task, "offline", size=size.task_size, seed=0, **extra).eval
+        records = load_task(task, "offline", size=size.task_size, seed=0,
+                            offline_options=dict(size.offline_options) or None, **extra).eval
         test = len(records) - size.val if size.test is None else size.test
         assert len(records) >= size.val + test and test >= 400, (task, len(records))
 
 
-def test_readme_speed_tables_are_the_scripts_output(capsys):
-    """The README's speed tables are pasted output, never typed by hand."""
-    readme = (ROOT / "README.md").read_text()
-
-    def block(marker):
-        start = readme.index(f"<!-- {marker} -->") + len(f"<!-- {marker} -->")
-        return readme[start:readme.index("<!-- end -->", start)].strip()
-
-    bench_table = load_script("bench_table")
-    for section, marker in (("speed", ""), ("memory-model", " --memory-model"),
-                            ("trainer", " --trainer")):
-        bench_table.main(section=section)
-        assert block(f"python scripts/bench_table.py{marker}") == \
-            capsys.readouterr().out.strip(), section
-
-
-def test_a_reproduction_table_in_the_readme_is_the_rendering_of_results_json():
-    """When the README shows reproduction tables (between experiments.BEGIN and END), they
-    are experiments.render of the committed results.json; until the sweep has results, the
-    README shows none."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_reproduction_page_is_the_rendering_of_the_committed_results():
+    """docs/reproduction.md shows the tables (between experiments.BEGIN and END) rendered from
+    the committed reproduce_results/results.json, and no other numbers of its own there."""
     results = ROOT / "reproduce_results" / "results.json"
-    assert (experiments.BEGIN in readme) == results.exists()
+    page = PAGE.read_text()
+    assert (experiments.BEGIN in page) == results.exists()
     if results.exists():
-        assert experiments.in_step(readme, json.loads(results.read_text()))
+        assert experiments.in_step(page, json.loads(results.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +150,7 @@ def tiny_run(tmp_path_factory):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--model", str(model),
          "--preset", "smoke", "--tasks", "fact", "--methods", "fft", "lora", "molf",
-         "--single-rate", "--seeds", "0", "1", "--no-study", "--workers", "2",
-         "--out-dir", str(out)],
+         "--seeds", "0", "1", "--no-study", "--steps", "2", "--out-dir", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, done.stdout
@@ -179,8 +160,10 @@ def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
     out, stdout = tiny_run
     results = json.loads((out / "results.json").read_text())
     rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
-    assert sorted((r["method"], r["seed"]) for r in rows) == [
-        ("base", 0), ("fft", 0), ("fft", 1), ("lora", 0), ("lora", 1), ("molf", 0), ("molf", 1)]
+    # Every rate of every grid on both seeds (one vmapped program per method), and the base.
+    assert sorted((r["method"], r["label"], r["seed"]) for r in rows) == sorted(
+        [("base", "base", 0)] + [(m, label, seed) for m in ("fft", "lora", "molf")
+                                 for label in GRIDS[m] for seed in (0, 1)])
     trained = [r for r in rows if r["method"] != "base"]
     # Same examples in the same order within a seed: the same steps and tokens per seed.
     for seed in (0, 1):
@@ -194,7 +177,9 @@ def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
     assert set(molf["routing"]["share_by_projection"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (out / "plots" / "fft_share_fact.png").stat().st_size > 0
-    tables = reproduce.render(results)
+    assert results["failed_runs"] == [] and results["plan_wall_seconds"] > 0
+    assert results["runs"] == len(rows) and results["device"] == "cpu"
+    tables = experiments.render(results)
     assert tables in stdout
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--render",
                             "--out-dir", str(out)], capture_output=True, text=True, check=True)

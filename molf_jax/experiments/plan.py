@@ -64,6 +64,8 @@ class TaskSize:
       max_length: longest training example in tokens.
       epochs: passes over the training examples.
       eval_size: offline sql: held-out examples generated.
+      offline_options: options of the offline generator (`molf_jax.data.load_task`'s
+        ``offline_options``) as ``(name, value)`` pairs, e.g. sql's held-out query kinds.
     """
 
     task_size: int
@@ -72,6 +74,7 @@ class TaskSize:
     max_length: int = 256
     epochs: float = 2.0
     eval_size: int | None = None
+    offline_options: tuple[tuple[str, Any], ...] = ()
 
 
 PRESETS: dict[str, dict[str, TaskSize]] = {
@@ -143,7 +146,7 @@ def programs(plan: Plan, task: str) -> list[Program]:
 
     Example:
       >>> [p.name for p in programs(Plan(("fact",), ("fft", "lora"), (0, 1)), "fact")]
-      ['fact__fft', 'fact__lora', 'fact__molf', 'fact__molf_pfn', 'fact__molf_score']
+      ['fact__fft', 'fact__lora', 'fact__molf', 'fact__molf__pfn', 'fact__molf__score']
       >>> len(programs(Plan(("fact",), ("fft",), (0, 1), study=False), "fact")[0].members)
       6
     """

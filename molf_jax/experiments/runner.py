@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ class TaskData:
     val: dict[int, list[dict]]
     test: dict[int, list[dict]]
 
+    @property
+    def length(self) -> int:
+        """One padded batch length for the whole task (its longest example, rounded up to 32):
+        one compilation per program, where the trainer's four lengths would compile four."""
+        longest = max(len(e) for examples in self.train.values() for e in examples)
+        return -(-longest // 32) * 32
+
 
 class Runner:
     """Loads the model once and runs plans against it.
@@ -60,7 +68,7 @@ class Runner:
 
     def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
                  max_members: int | None = None, score_batch: int = 256,
-                 retention: bool = True):
+                 retention: bool = True, compile_ahead: int = 3):
         from molf_jax import models
         from molf_jax.checkpoints import load_hf
         from molf_jax.train.setup import load_tokenizer, resolve_model
@@ -69,6 +77,7 @@ class Runner:
         (self.out_dir / "rows").mkdir(parents=True, exist_ok=True)
         self.compute_dtype, self.max_members = compute_dtype, max_members
         self.score_batch, self.retention = score_batch, retention
+        self.compile_ahead = compile_ahead
         started = time.time()
         self.source = resolve_model(model)
         if self.source.hf_dir is None:
@@ -99,7 +108,8 @@ class Runner:
         out = TaskData(size, {}, {}, {})
         for seed in seeds:
             extra = {"eval_size": size.eval_size} if task == "sql" and size.eval_size else {}
-            data = load_task(task, "offline", size=size.task_size, seed=seed, **extra)
+            data = load_task(task, "offline", size=size.task_size, seed=seed,
+                             offline_options=dict(size.offline_options) or None, **extra)
             encoded, _ = encode_records(task, data.train, self.tokenizer,
                                         max_length=size.max_length, overflow="drop",
                                         protocol=data.protocol)
@@ -155,8 +165,20 @@ class Runner:
             **{**PLATFORM_DEFAULTS["cpu"], "compute_dtype": self.compute_dtype},
             **program.settings)
 
+    def compiled(self, program: Program, data: TaskData, steps: int | None):
+        """The program's `MemberProgram`, compiled (callable from a thread)."""
+        from molf_jax.data import pad_token_id
+        from molf_jax.experiments.sweep import MemberProgram, member_batches
+
+        config = self._config(program, data.size, steps)
+        members = list(program.members)
+        _, total = member_batches(config, [data.train[m.seed] for m in members], members,
+                                  pad_id=pad_token_id(self.tokenizer), lengths=(data.length,))
+        return MemberProgram(config, self.source.config, self.base_params, len(members), total,
+                             (config.grad_accum, config.batch_size, data.length)).compile()
+
     def run_program(self, program: Program, data: TaskData, *, steps: int | None = None,
-                    members=None) -> list[dict]:
+                    members=None, compiled=None) -> list[dict]:
         """Trains the program's members (or the given subset) and returns their rows."""
         import jax
 
@@ -171,7 +193,8 @@ class Runner:
         self.first_start = self.first_start or started
         result = train_members(config, self.source.config, self.base_params,
                                [data.train[m.seed] for m in members], members,
-                               pad_id=pad_token_id(self.tokenizer))
+                               pad_id=pad_token_id(self.tokenizer), lengths=(data.length,),
+                               program=compiled)
         trained = time.time()
         rows = []
         for k, member in enumerate(members):
@@ -229,17 +252,25 @@ class Runner:
             t0 = time.time()
             data = self.task_data(task, plan.preset, plan.seeds)
             _say(f"{task}: data ready ({time.time() - t0:.1f} s); {len(todo)} programs")
+            # Programs compile in threads ahead of the one training (XLA compiles on the host).
+            pool = ThreadPoolExecutor(max_workers=self.compile_ahead)
+            futures = [pool.submit(self.compiled, p, data, steps) for p in todo]
             if not base_done:
                 self.first_start = self.first_start or time.time()
                 self._write([self.base_row(task, data, first)])
-            for program in todo:
-                self._write(self._with_retry(program, data, steps))
+            for program, future in zip(todo, futures):
+                self._write(self._with_retry(program, data, steps, future))
+            pool.shutdown()
         return read_rows(self.out_dir)
 
-    def _with_retry(self, program: Program, data: TaskData, steps) -> list[dict]:
+    def _with_retry(self, program: Program, data: TaskData, steps, future) -> list[dict]:
         t0 = time.time()
         try:
-            rows = self.run_program(program, data, steps=steps)
+            compiled = future.result()
+            waited = time.time() - t0
+            timing = self.timings["programs"].setdefault(program.name, {})
+            timing["compile_wait_seconds"] = round(waited, 1)
+            rows = self.run_program(program, data, steps=steps, compiled=compiled)
         except Exception as error:  # noqa: BLE001 - reported, retried, then listed as failed
             memory = "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
             _say(f"{program.name}: failed ({type(error).__name__}: {str(error)[:300]}); "

@@ -29,12 +29,13 @@ from molf_jax.param_roles import expert_labels, split_trainable
 from molf_jax.routing import routing_table
 from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, TrainConfig
 from molf_jax.train.loop import total_optimizer_steps
-from molf_jax.train.modes import build_optimizer, loss_regularizer, mode_roles
+from molf_jax.train.modes import build_optimizer, lora_spec, loss_regularizer, mode_roles
 from molf_jax.train.setup import add_mode_adapters, training_model
 from molf_jax.train.step import make_train_step
 from molf_jax.train.trees import join_trees
 
-__all__ = ["Member", "SweepResult", "train_members", "member_params", "member_batches"]
+__all__ = ["Member", "MemberProgram", "SweepResult", "train_members", "member_params",
+           "member_batches"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +117,80 @@ def _stack_members(batches: list[list[dict]]) -> dict[str, np.ndarray]:
     return out
 
 
+class MemberProgram:
+    """The two jitted functions of a sweep (init and step over K stacked members), built from
+    abstract shapes so that they can be compiled ahead, e.g. in a thread while another program
+    trains (`compile`). `train_members` builds one itself when given none.
+
+    Args:
+      config: the runs' shared settings (as `train_members`), numerics resolved.
+      model_config: the base model's `DecoderConfig`.
+      base_params: the base parameters or their shapes (`jax.ShapeDtypeStruct` leaves).
+      num_members: K.
+      total_steps: optimizer steps (fixes the schedules).
+      batch_shape: ``(micro, rows, length)`` of each member's batch, or None (no `compile`).
+    """
+
+    def __init__(self, config: TrainConfig, model_config: Any, base_params: Any,
+                 num_members: int, total_steps: int, batch_shape: tuple[int, int, int] | None):
+        from molf_jax.train.platform import with_platform_defaults
+
+        config = with_platform_defaults(config)
+        self.config, self.total_steps = config, total_steps
+        self.num_members, self.batch_shape = num_members, batch_shape
+        self.spec = lora_spec(config)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
+        abstract = jax.eval_shape(
+            lambda p, key: add_mode_adapters(config, p, key)[0], shapes, jax.random.key(0))
+        self.roles = mode_roles(config, abstract)
+        self.routed = config.mode in ROUTED_MODES
+        self.model = training_model(config, model_config, self.spec)
+        trainable, frozen = split_trainable(abstract, self.roles)
+        self._abstract = (trainable, frozen)
+        roles, model, routed = self.roles, self.model, self.routed
+        regularizer = loss_regularizer(config)
+
+        def optimizer(peak):
+            return build_optimizer(config, total_steps, roles, peak_rates=(peak[0], peak[1]))[0]
+
+        def member_step(train_params, opt_state, batch, seed, peak, frozen_params):
+            step = make_train_step(model, optimizer(peak), roles=roles, seed=seed,
+                                   loss_chunk=config.loss_chunk,
+                                   dropout=config.mode != "fft" and config.lora_dropout > 0,
+                                   route_fft_column=config.mode in FFT_EXPERT_MODES,
+                                   return_routing=routed, regularizer=regularizer)
+            params, opt_state, metrics = step(join_trees(train_params, frozen_params),
+                                              opt_state, batch)
+            kept = {"loss": jnp.where(metrics["skipped"], jnp.nan, metrics["loss"])}
+            if routed:
+                kept["winners"] = metrics["route_winners"]
+            return split_trainable(params, roles)[0], opt_state, kept
+
+        self.init = jax.jit(jax.vmap(lambda p, peak: optimizer(peak).init(p)))
+        self.step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, None)),
+                            donate_argnums=(0, 1))
+
+    def compile(self) -> "MemberProgram":
+        """Compiles init and step for the abstract shapes (thread-safe; returns self)."""
+        k = self.num_members
+        stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype)  # noqa: E731
+        trainable = jax.tree.map(stacked, self._abstract[0])
+        peaks = jax.ShapeDtypeStruct((k, 2), jnp.float32)
+        opt_state = jax.eval_shape(self.init, trainable, peaks)
+        batch = {key: jax.ShapeDtypeStruct((k, *self.batch_shape), jnp.int32)
+                 for key in ("input_ids", "attention_mask", "loss_mask")}
+        batch["step"] = jax.ShapeDtypeStruct((k,), jnp.int32)
+        self.init = self.init.lower(trainable, peaks).compile()
+        self.step = self.step.lower(trainable, opt_state, batch,
+                                    jax.ShapeDtypeStruct((k,), jnp.int32), peaks,
+                                    self._abstract[1]).compile()
+        return self
+
+
 def train_members(config: TrainConfig, model_config: Any, base_params: Any,
                   examples: Sequence[Sequence], members: Sequence[Member], *, pad_id: int,
-                  lengths: Sequence[int] | None = None, on_step=None) -> SweepResult:
+                  lengths: Sequence[int] | None = None, on_step=None,
+                  program: MemberProgram | None = None) -> SweepResult:
     """Trains ``members`` (seeds and peak rates) of ``config``'s mode as one vmapped program.
 
     Args:
@@ -133,6 +205,7 @@ def train_members(config: TrainConfig, model_config: Any, base_params: Any,
       pad_id: the tokenizer's padding id.
       lengths: padded batch lengths (default as the trainer: `fixed_lengths` of the cap).
       on_step: called as ``on_step(step, total_steps)`` after each dispatch (progress).
+      program: a `MemberProgram` for these settings, K and batch shape, e.g. compiled ahead.
 
     Returns:
       A `SweepResult`; `member_params` gives each member's parameters.
@@ -152,47 +225,27 @@ def train_members(config: TrainConfig, model_config: Any, base_params: Any,
     if len(examples) != len(members):
         raise ValueError(f"{len(members)} members but {len(examples)} training sets")
     config = with_platform_defaults(config)
-    trees, spec = [], None
+    iterators, total_steps = member_batches(config, examples, members, pad_id=pad_id,
+                                            lengths=lengths)
+    if program is None:
+        program = MemberProgram(config, model_config, base_params, len(members), total_steps,
+                                None)
+    elif (program.num_members, program.total_steps) != (len(members), total_steps):
+        raise ValueError(f"the program was built for {program.num_members} members and "
+                         f"{program.total_steps} steps, not {len(members)} and {total_steps}")
+    roles = program.roles
+    trainables = []
     for m in members:
         _, lora_key = jax.random.split(jax.random.key(m.seed))
         params, spec = add_mode_adapters(config, base_params, lora_key)
-        trees.append(params)
-    roles = mode_roles(config, trees[0])
-    splits = [split_trainable(t, roles) for t in trees]
-    frozen = splits[0][1]
-    trainable = jax.tree.map(lambda *xs: jnp.stack(xs), *[s[0] for s in splits])
-    del trees, splits
-    model = training_model(config, model_config, spec)
-    iterators, total_steps = member_batches(config, examples, members, pad_id=pad_id,
-                                            lengths=lengths)
+        trainable, frozen = split_trainable(params, roles)
+        trainables.append(trainable)
+        del params
+    trainable = jax.tree.map(lambda *xs: jnp.stack(xs), *trainables)
+    del trainables
     seeds = jnp.asarray([m.seed for m in members], jnp.int32)
     peaks = jnp.asarray([[m.fft_lr, m.lora_lr] for m in members], jnp.float32)
-    regularizer = loss_regularizer(config)
-    routed = config.mode in ROUTED_MODES
-
-    def member_step(train_params, opt_state, batch, seed, peak, frozen_params):
-        optimizer, _ = build_optimizer(config, total_steps, roles,
-                                       peak_rates=(peak[0], peak[1]))
-        step = make_train_step(model, optimizer, roles=roles, seed=seed,
-                               loss_chunk=config.loss_chunk,
-                               dropout=config.mode != "fft" and config.lora_dropout > 0,
-                               route_fft_column=config.mode in FFT_EXPERT_MODES,
-                               return_routing=routed, regularizer=regularizer)
-        params, opt_state, metrics = step(join_trees(train_params, frozen_params), opt_state,
-                                          batch)
-        kept = {"loss": jnp.where(metrics["skipped"], jnp.nan, metrics["loss"])}
-        if routed:
-            kept["winners"] = metrics["route_winners"]
-        return split_trainable(params, roles)[0], opt_state, kept
-
-    def init_one(train_params, peak):
-        optimizer, _ = build_optimizer(config, total_steps, roles,
-                                       peak_rates=(peak[0], peak[1]))
-        return optimizer.init(train_params)
-
-    opt_state = jax.jit(jax.vmap(init_one))(trainable, peaks)
-    step_all = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, None)),
-                       donate_argnums=(0, 1))
+    opt_state = program.init(trainable, peaks)
     pending, tokens = [], np.zeros(len(members), np.int64)
     for step in range(total_steps):
         per_member = [[next(it) for _ in range(config.grad_accum)] for it in iterators]
@@ -200,14 +253,15 @@ def train_members(config: TrainConfig, model_config: Any, base_params: Any,
         tokens += batch["attention_mask"].sum(axis=(1, 2, 3))
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         batch["step"] = jnp.full((len(members),), step, jnp.int32)
-        trainable, opt_state, kept = step_all(trainable, opt_state, batch, seeds, peaks, frozen)
+        trainable, opt_state, kept = program.step(trainable, opt_state, batch, seeds, peaks,
+                                                  frozen)
         pending.append(kept)  # read back once at the end: no host sync inside the loop
         if on_step is not None:
             on_step(step + 1, total_steps)
     host = jax.device_get(pending)
     names: tuple[str, ...] = ()
     winners = None
-    if routed:
+    if program.routed:
         names = tuple(routing_table(expert_labels(roles),
                                     jax.tree.map(lambda x: x[0], trainable)).module_names)
         winners = np.stack([h["winners"] for h in host])
