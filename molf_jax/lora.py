@@ -138,6 +138,58 @@ class LoraSpec:
         """``s_i`` for every expert, in order."""
         return tuple(e.scale(self.rslora) for e in self.experts)
 
+    @classmethod
+    def from_peft(cls, config: Any = None, **fields) -> LoraSpec:
+        """A spec from peft's names: ``r``, ``lora_alpha``, ``target_modules``,
+        ``lora_dropout``, ``use_rslora``, given as keywords or read from a ``peft.LoraConfig``.
+
+        Defaults are peft's (``r=8``, ``lora_alpha=8``, ``lora_dropout=0.0``,
+        ``use_rslora=False``, targets: `default_targets`). ``r`` and ``lora_alpha`` may be
+        sequences, one entry per expert (MoLF-E's ``r=(16, 128)``). A ``target_modules`` list
+        names modules by their last path component; a string is one regular expression over
+        the whole path, which reads ``layers/0/self_attn/q_proj`` here (``/``, not peft's ``.``).
+
+        Raises:
+          ValueError: an unknown field, unequal ``r``/``lora_alpha`` lengths, or a peft
+            setting this spec cannot mean (``rank_pattern``, ``alpha_pattern``, ``use_dora``,
+            ``bias`` other than ``"none"``).
+
+        Example:
+          >>> spec = LoraSpec.from_peft(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+          >>> spec.experts, spec.rslora, spec.targets
+          ((LoraExpert(rank=16, alpha=32.0),), False, ('q_proj', 'v_proj'))
+        """
+        names = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora")
+        values = dict(r=8, lora_alpha=8, target_modules=None, lora_dropout=0.0, use_rslora=False)
+        if config is not None:
+            for name in names:
+                values[name] = getattr(config, name, values[name])
+            for name, neutral in (("rank_pattern", {}), ("alpha_pattern", {}),
+                                  ("use_dora", False), ("bias", "none")):
+                value = getattr(config, name, neutral)
+                if value not in (neutral, None):
+                    raise ValueError(f"LoraSpec.from_peft: peft's {name}={value!r} has no "
+                                     "equivalent here; leave it at its default")
+        unknown = sorted(set(fields) - set(names))
+        if unknown:
+            raise ValueError(f"LoraSpec.from_peft: unknown field(s) {unknown}; known: "
+                             f"{list(names)}")
+        values.update(fields)
+        ranks = values["r"] if isinstance(values["r"], (list, tuple)) else (values["r"],)
+        alphas = (values["lora_alpha"] if isinstance(values["lora_alpha"], (list, tuple))
+                  else (values["lora_alpha"],) * len(ranks))
+        if len(alphas) != len(ranks):
+            raise ValueError(f"LoraSpec.from_peft: {len(ranks)} ranks r={values['r']} but "
+                             f"{len(alphas)} lora_alpha={values['lora_alpha']}")
+        targets = values["target_modules"]
+        if isinstance(targets, str):
+            targets = (targets,)
+        elif isinstance(targets, (set, frozenset)):  # peft.LoraConfig keeps a set
+            targets = sorted(targets)
+        return cls(experts=tuple(LoraExpert(int(r), a) for r, a in zip(ranks, alphas)),
+                   targets=None if targets is None else tuple(targets),
+                   dropout=float(values["lora_dropout"]), rslora=bool(values["use_rslora"]))
+
     def matches(self, module_path: str) -> bool:
         """Whether the linear at ``module_path`` (``"layers/3/mlp/up_proj"``) gets experts."""
         return targets_match(self.targets, module_path)

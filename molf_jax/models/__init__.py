@@ -20,6 +20,7 @@ from molf_jax.models.registry import (
     load_config,
     output_kernel,
     preset,
+    preset_names,
 )
 
 # Configs, the model and its loss
@@ -47,5 +48,6 @@ __all__ = [
     "next_token_loss_sum",
     "output_kernel",
     "preset",
+    "preset_names",
     "soft_cap",
 ]

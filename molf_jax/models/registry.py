@@ -26,6 +26,8 @@ __all__ = [
     "load_config",
     "output_kernel",
     "preset",
+    "preset_names",
+    "TINY_PRESETS",
 ]
 
 
@@ -97,18 +99,49 @@ def load_config(hf_dir_or_dict: str | os.PathLike | dict) -> DecoderConfig:
                      f"(model_type {model_type!r}); supported: {supported}")
 
 
+# Random models for smoke runs (``molf-jax train --model tiny-qwen2``): two layers, width 64
+# and the 260-token vocabulary of the byte-level tokenizer that random-init presets use
+# (``molf_jax.data.byte_level_tokenizer``: pad 0, eos 1, bos 2), so nothing is downloaded.
+# Each keeps what sets its family apart: Qwen2's q/k/v biases and grouped-query attention;
+# Gemma 3's local and global layers, scaled embeddings and query_pre_attn_scalar != head_dim.
+_TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+             num_kv_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=2048,
+             pad_token_id=0, eos_token_id=(1,), bos_token_id=2)
+TINY_PRESETS: dict[str, tuple[type[DecoderConfig], dict]] = {
+    "tiny-qwen2": (qwen2.Qwen2Config, dict(_TINY, rope_theta=10_000.0, attention_bias=True)),
+    "tiny-gemma3": (gemma3.Gemma3Config, dict(
+        _TINY, num_kv_heads=1, query_pre_attn_scalar=24.0, sliding_window=8,
+        layer_types=("sliding_attention", "full_attention"), hidden_act="gelu_pytorch_tanh")),
+}
+
+
+def preset_names() -> list[str]:
+    """Every name `preset` knows, tiny smoke-run presets first.
+
+    Example:
+      >>> preset_names()[:2]
+      ['tiny-gemma3', 'tiny-qwen2']
+    """
+    return sorted(TINY_PRESETS) + sorted(n for f in FAMILIES for n in f.config_cls.presets)
+
+
 def preset(name: str, **overrides) -> DecoderConfig:
-    """A named configuration of any family, e.g. ``preset('gemma3-1b')``.
+    """A named configuration of any family, e.g. ``preset('gemma3-1b')``, or a tiny random
+    model for smoke runs (``'tiny-qwen2'``, ``'tiny-gemma3'``).
 
     Example:
       >>> preset("qwen2.5-0.5b").hidden_size
       896
+      >>> preset("tiny-qwen2").vocab_size
+      260
     """
+    if name in TINY_PRESETS:
+        config_cls, fields = TINY_PRESETS[name]
+        return config_cls(**{**fields, **overrides})
     for family in FAMILIES:
         if name in family.config_cls.presets:
             return family.config_cls.preset(name, **overrides)
-    known = sorted(n for f in FAMILIES for n in f.config_cls.presets)
-    raise KeyError(f"unknown preset {name!r}; known: {known}")
+    raise KeyError(f"unknown preset {name!r}; known: {preset_names()}")
 
 
 def build_model(config: DecoderConfig, *, lora: LoraSpec | None = None,

@@ -20,6 +20,9 @@ from molf_jax.routing._route import MolfRouteState, molf_route
 from molf_jax.routing._recipes import NO_DECAY_LEAVES, OPTIMIZER_GROUPS, molf_adamw, param_groups
 from molf_jax.routing._gate import MolfGateState, molf_gate
 
+# Sharded custom loops: the optimizer state laid out like the params.
+from molf_jax.routing._sharding import sharded_init, state_shardings
+
 __all__ = [
     "NO_DECAY_LEAVES",
     "OPTIMIZER_GROUPS",
@@ -41,4 +44,6 @@ __all__ = [
     "pfn",
     "resolve_score",
     "routing_table",
+    "sharded_init",
+    "state_shardings",
 ]

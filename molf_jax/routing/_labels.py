@@ -9,12 +9,11 @@ modules have no expert 0. Every leaf of a parameter tree carries either an `Expe
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-
-from molf_jax.lora import expert_index
 
 __all__ = ["ExpertLabel", "label_lora_experts", "labels_from_paths", "path_to_str"]
 
@@ -44,8 +43,20 @@ class ExpertLabel:
 
 
 def path_to_str(path) -> str:
-    """Joins a JAX key path into ``"a/b/0/c"``."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+    """Joins a JAX key path into ``"a/b/0/c"``.
+
+    A trailing ``.value`` attribute is dropped: Flax NNX variables (``nnx.Param``) flatten
+    through it, so ``nnx.state(model)`` and its pure arrays (what ``nnx.Optimizer`` hands to
+    ``init`` and to ``update``) give the same names, and names like ``.../bias`` stay last.
+
+    Example:
+      >>> from jax.tree_util import DictKey, GetAttrKey
+      >>> path_to_str((DictKey("fc"), DictKey("bias"), GetAttrKey("value")))
+      'fc/bias'
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def labels_from_paths(params: Any, label_fn: Callable[[str, jax.Array], ExpertLabel | None]) -> Any:
@@ -66,7 +77,41 @@ def labels_from_paths(params: Any, label_fn: Callable[[str, jax.Array], ExpertLa
     return jax.tree_util.tree_map_with_path(lambda p, x: label_fn(path_to_str(p), x), params)
 
 
+# Where a routed module's experts sit among its children, in the layouts people write:
+#   numbered (ours, and any multi-expert layout): lora_<i>/... is expert i, from 1;
+#   one pair beside the base (nnx.LoRA, peft): lora_a + lora_b, or lora_A + lora_B, is expert 1;
+#   nnx.LoRALinear: a `lora` child holding such a pair is expert 1.
+# The base (expert 0) is the `kernel` and `bias` beside them, or those of a `base_module`
+# (nnx.LoRA) or `base_layer` (peft) child.
+_NUMBERED = re.compile(r"^lora_(\d+)$")
+_PAIRS = (("lora_a", "lora_b"), ("lora_A", "lora_B"))
+_PAIR_CHILD = "lora"
 _BASE_KEYS = ("kernel", "bias")
+_BASE_CHILDREN = ("base_module", "base_layer")
+
+
+def _has_pair(node) -> bool:
+    return isinstance(node, Mapping) and any(a in node and b in node for a, b in _PAIRS)
+
+
+def _expert_children(node: Mapping, path: tuple[str, ...]) -> dict[Any, int]:
+    """The children of ``node`` that are LoRA experts, with their expert numbers."""
+    found: dict[Any, int] = {}
+    for key in node:
+        match = _NUMBERED.match(str(key))
+        if match:
+            found[key] = int(match.group(1))
+    pairs = [key for a, b in _PAIRS if a in node and b in node for key in (a, b)]
+    if _PAIR_CHILD in node and _has_pair(node[_PAIR_CHILD]):
+        pairs.append(_PAIR_CHILD)
+    if pairs and 1 in found.values():
+        raise ValueError(f"{'/'.join(path)}: both {sorted(map(str, pairs))} and lora_1 claim "
+                         "LoRA expert 1; use one layout per module")
+    found.update(dict.fromkeys(pairs, 1))
+    for key, expert in found.items():
+        if expert < 1:
+            raise ValueError(f"{'/'.join(path + (str(key),))}: LoRA experts are numbered from 1")
+    return found
 
 
 def _default_is_stacked(module_path: tuple[str, ...]) -> bool:
@@ -85,18 +130,31 @@ def label_lora_experts(
 ) -> Any:
     """Derives expert labels from the paths of a LoRA-injected parameter tree.
 
-    A routed module is any dict that holds ``lora_<i>`` sub-dicts. Its ``kernel`` and ``bias``
-    (when present in the tree, i.e. trainable) form expert 0; every leaf under ``lora_<i>`` forms
-    expert ``i``. Other leaves get ``None``. With a frozen base (MoLF-Efficient) pass the trainable
-    tree without the kernels and the modules come out LoRA-only.
+    A routed module is any mapping (a dict, a Flax ``FrozenDict`` or an NNX ``State``) whose
+    children name LoRA experts, in any of these layouts:
+
+    * ``lora_<i>/...``: expert ``i`` (numbered from 1; ours, ``molf_jax.lora``, and any module
+      with several experts, e.g. ``lora_1`` and ``lora_2`` each an ``nnx.LoRA``);
+    * ``lora_a`` and ``lora_b`` (``nnx.LoRA``), or ``lora_A`` and ``lora_B`` (peft's names):
+      expert 1;
+    * a ``lora`` child holding such a pair (``nnx.LoRALinear``): expert 1.
+
+    Its ``kernel`` and ``bias`` (when present in the tree, i.e. trainable), or those of a
+    ``base_module`` (``nnx.LoRA``) or ``base_layer`` (peft) child, form expert 0; every leaf of
+    an expert's child forms that expert. Other leaves get ``None``. With a frozen base
+    (MoLF-Efficient) pass the trainable tree without the kernels, or freeze them with
+    ``optax.partition``, and the modules come out LoRA-only.
 
     Args:
-      params: nested dicts of arrays (flax ``params``).
+      params: nested mappings of arrays (flax ``params``, ``nnx.state(model, nnx.Param)``).
       is_stacked: tells from a module path whether its leaves carry a leading layer axis. The
         default recognises scanned models: ``layers/<name>`` without an integer level.
 
     Returns:
       A tree of the same structure holding `ExpertLabel` or ``None``.
+
+    Raises:
+      ValueError: a module names expert 1 twice (``lora_1`` beside a pair), or an expert 0.
 
     Example:
       >>> import numpy as np
@@ -104,28 +162,34 @@ def label_lora_experts(
       ...     "lora_1": {"a": np.zeros((4, 2)), "b": np.zeros((2, 4))}}})
       >>> labels["q_proj"]["lora_1"]["a"]
       ExpertLabel(module='q_proj', expert=1, stacked=False)
+      >>> label_lora_experts({"fc": {"base_module": {"kernel": np.zeros((4, 4))},
+      ...     "lora_a": np.zeros((4, 2)), "lora_b": np.zeros((2, 4))}})["fc"]["lora_b"].expert
+      1
     """
 
     def visit(node, path):
         if not isinstance(node, Mapping):
             return None
-        lora_keys = [k for k in node if expert_index(k) is not None]
-        if not lora_keys:
+        experts = _expert_children(node, path)
+        if not experts:
             return {k: visit(v, path + (str(k),)) for k, v in node.items()}
         stacked = bool(is_stacked(path))
         name = _insert_layer_wildcard(path) if stacked else "/".join(path)
+
+        def fill(tree, label):
+            return jax.tree.map(lambda _: label, tree)
+
         out = {}
         for k, v in node.items():
-            expert = expert_index(k)
-            if expert is not None:
-                if expert < 1:
-                    raise ValueError(f"{'/'.join(path + (k,))}: LoRA experts are numbered from 1")
-                label = ExpertLabel(name, expert, stacked)
+            if k in experts:
+                out[k] = fill(v, ExpertLabel(name, experts[k], stacked))
             elif k in _BASE_KEYS:
-                label = ExpertLabel(name, 0, stacked)
+                out[k] = fill(v, ExpertLabel(name, 0, stacked))
+            elif k in _BASE_CHILDREN and isinstance(v, Mapping):
+                out[k] = {kk: fill(vv, ExpertLabel(name, 0, stacked) if kk in _BASE_KEYS
+                                   else None) for kk, vv in v.items()}
             else:
-                label = None
-            out[k] = jax.tree.map(lambda _: label, v)
+                out[k] = fill(v, None)
         return out
 
     return visit(params, ())

@@ -17,7 +17,7 @@ import optax
 from molf_jax.routing._labels import ExpertLabel, path_to_str
 from molf_jax.routing._route import molf_route
 from molf_jax.routing._scores import Score
-from molf_jax.routing._table import flatten_labels
+from molf_jax.routing._table import flatten_labels, is_masked
 
 __all__ = ["NO_DECAY_LEAVES", "OPTIMIZER_GROUPS", "molf_adamw", "param_groups"]
 
@@ -32,9 +32,11 @@ def param_groups(params: Any, labels: Any, no_decay: tuple[str, ...] = NO_DECAY_
     """Labels each leaf ``'fft'``, ``'fft_no_decay'`` or ``'lora'`` for ``optax.partition``.
 
     Args:
-      params: the parameter tree.
+      params: the parameter tree (linen dicts, an NNX ``State``; ``MaskedNode`` leaves, which
+        ``optax.partition`` puts where another transform owns a leaf, stay ``MaskedNode``).
       labels: its expert labels (or a callable ``params -> labels``); experts >= 1 are LoRA.
-      no_decay: names of the leaves (last path component) that take no weight decay.
+      no_decay: names of the leaves (last path component as `path_to_str` writes it, so NNX's
+        ``.../bias/value`` counts as ``bias``) that take no weight decay.
 
     Example:
       >>> import numpy as np
@@ -42,15 +44,19 @@ def param_groups(params: Any, labels: Any, no_decay: tuple[str, ...] = NO_DECAY_
       >>> param_groups(params, {"q": {"kernel": None, "bias": None}})
       {'q': {'bias': 'fft_no_decay', 'kernel': 'fft'}}
     """
+    if not jax.tree.leaves(params, is_leaf=is_masked):
+        return params  # optax.tree.map_params's placeholder (see molf_route's init)
     label_leaves = flatten_labels(labels, params)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)
 
-    def group(path, label: ExpertLabel | None):
+    def group(path, leaf, label: ExpertLabel | None):
+        if is_masked(leaf):
+            return leaf
         if label is not None and label.expert > 0:
             return LORA
         return FFT_NO_DECAY if path_to_str(path).rsplit("/", 1)[-1] in no_decay else FFT
 
-    return jax.tree.unflatten(treedef, [group(p, l) for (p, _), l in zip(flat, label_leaves)])
+    return jax.tree.unflatten(treedef, [group(p, x, l) for (p, x), l in zip(flat, label_leaves)])
 
 
 def molf_adamw(

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from molf_jax.routing._moments import find_moments
-from molf_jax.routing._scores import ExpertInfo, Score, resolve_score
-from molf_jax.routing._table import RoutingTable, build_routing_table
+from molf_jax.routing._scores import ExpertInfo, Score, resolve_score, score_name
+from molf_jax.routing._table import RoutingTable, build_routing_table, flatten_params, is_masked
 
 __all__ = ["MolfRouteState", "molf_route", "expert_learning_rates", "injected_learning_rate",
            "top_k_mask"]
@@ -84,6 +84,7 @@ def molf_route(
     """
     _check_wraps_an_optimizer(inner, labels)
     score_fn = resolve_score(score)
+    name = score_name(score)
     _check_top_k_type(top_k)
     inner = optax.with_extra_args_support(inner)
 
@@ -91,6 +92,10 @@ def molf_route(
         return injected_learning_rate(inner_state) if learning_rate is None else learning_rate
 
     def init_fn(params):
+        if not jax.tree.leaves(params, is_leaf=is_masked):
+            # optax.tree.map_params calls init on a leafless placeholder to find which parts
+            # of the state are shaped like the params; the routing arrays are not.
+            return MolfRouteState(*(jnp.zeros(()),) * 4, inner_state=inner.init(params))
         table = build_routing_table(labels, params)
         _check_top_k(table, top_k)
         inner_state = inner.init(params)
@@ -115,14 +120,14 @@ def molf_route(
             mus, nus = find_moments(inner_state, table.num_leaves)
         else:
             mus = nus = [None] * table.num_leaves
-        sums = expert_sums(table, score_fn, mus, nus, jax.tree.leaves(updates),
-                           jax.tree.leaves(params))
+        sums = expert_sums(table, score_fn, mus, nus, flatten_params(updates),
+                           flatten_params(params), name)
         info = ExpertInfo(
             num_params=jnp.asarray(np.where(table.valid, table.num_params, 1), jnp.float32),
             learning_rate=expert_learning_rates(table, rates(inner_state), state.count),
             count=state.count,
         )
-        scores = jnp.asarray(score_fn.combine(sums, info))
+        scores = _checked_scores(score_fn.combine(sums, info), table, name)
         scores = jnp.where(table.valid, jnp.nan_to_num(scores, nan=-jnp.inf), -jnp.inf)
         winners = top_k_mask(scores, table.valid, top_k)
         scores = scores.astype(jnp.float32)
@@ -138,7 +143,7 @@ def molf_route(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def expert_sums(table: RoutingTable, score: Score, mus, nus, grads, params):
+def expert_sums(table: RoutingTable, score: Score, mus, nus, grads, params, name="score"):
     """Sums ``score.elementwise`` over each expert's elements into float32 [M, E] arrays."""
     m, e = table.valid.shape
     per_leaf = []
@@ -147,6 +152,7 @@ def expert_sums(table: RoutingTable, score: Score, mus, nus, grads, params):
         shape = jnp.shape(grads[i])
         values = score.elementwise(_f32(mus[i]), _f32(nus[i]), _f32(grads[i]), _f32(params[i]))
         values = values if isinstance(values, tuple) else (values,)
+        values = tuple(_checked_elementwise(v, shape, leaf.path, name) for v in values)
         axes = tuple(range(1 if leaf.stacked else 0, len(shape)))
         per_leaf.append([jnp.sum(jnp.broadcast_to(v, shape), axis=axes).reshape(-1)
                          for v in values])
@@ -157,6 +163,37 @@ def expert_sums(table: RoutingTable, score: Score, mus, nus, grads, params):
         flat = jnp.zeros((m * e,), values.dtype).at[positions].add(values)
         sums.append(flat.reshape(m, e))
     return sums[0] if len(sums) == 1 else tuple(sums)
+
+
+def _describe(x) -> str:
+    return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
+
+
+def _checked_elementwise(value, shape, path, name):
+    value = jnp.asarray(value)
+    broadcastable = True
+    try:
+        jnp.broadcast_shapes(value.shape, shape)
+    except ValueError:
+        broadcastable = False
+    if (not broadcastable or len(value.shape) > len(shape)
+            or not jnp.issubdtype(value.dtype, jnp.floating)):
+        raise ValueError(
+            f"molf_route: score {name!r}: elementwise returned {_describe(value)} for leaf "
+            f"{path!r} of shape {list(shape)}; it must return a float array (or a tuple of "
+            "them) of the leaf's shape")
+    return value
+
+
+def _checked_scores(scores, table: RoutingTable, name):
+    scores = jnp.asarray(scores)
+    want = list(table.valid.shape)
+    if list(scores.shape) != want or not jnp.issubdtype(scores.dtype, jnp.floating):
+        raise ValueError(
+            f"molf_route: score {name!r}: combine returned {_describe(scores)}; it must return "
+            f"a float array [modules, experts] = {want}, one score per expert of each routed "
+            "module (the shape of its sums and of ExpertInfo's fields)")
+    return scores
 
 
 def top_k_mask(scores: jax.Array, valid: np.ndarray, k: int) -> jax.Array:
@@ -170,7 +207,7 @@ def top_k_mask(scores: jax.Array, valid: np.ndarray, k: int) -> jax.Array:
 
 def mask_updates(table: RoutingTable, updates, winners: jax.Array):
     """Zeroes every leaf (or layer slice) of the experts that did not win."""
-    flat, treedef = jax.tree.flatten(updates)
+    flat, treedef = jax.tree.flatten(updates, is_leaf=is_masked)
     win_flat = winners.reshape(-1)
     e = table.num_experts
     for leaf in table.leaves:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ExpertInfo", "Score", "epd", "pfn", "resolve_score", "SCORE_EPS"]
+__all__ = ["ExpertInfo", "Score", "epd", "pfn", "resolve_score", "score_name", "SCORE_EPS"]
 
 # The constant inside both paper scores, independent of Adam's own eps.
 SCORE_EPS = 1e-8
@@ -90,6 +90,22 @@ epd = Score(_epd_elementwise, _epd_combine)
 pfn = Score(_pfn_elementwise, _pfn_combine)
 
 _NAMED = {"epd": epd, "pfn": pfn}
+
+
+def score_name(score: str | Score) -> str:
+    """How errors name a score: its name or import path as given, else its ``combine``'s.
+
+    Example:
+      >>> score_name(epd), score_name("molf_jax.routing:pfn")
+      ('epd', 'molf_jax.routing:pfn')
+    """
+    if isinstance(score, str):
+        return score
+    for name, known in _NAMED.items():
+        if score is known:
+            return name
+    combine = score.combine
+    return f"{getattr(combine, '__module__', '?')}:{getattr(combine, '__qualname__', combine)}"
 
 
 def resolve_score(score: str | Score) -> Score:

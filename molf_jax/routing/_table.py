@@ -12,10 +12,28 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from molf_jax.routing._labels import ExpertLabel, path_to_str
 
-__all__ = ["RoutingTable", "RoutedLeaf", "build_routing_table", "flatten_labels"]
+__all__ = ["RoutingTable", "RoutedLeaf", "build_routing_table", "flatten_labels",
+           "flatten_params", "is_masked"]
+
+
+def is_masked(x) -> bool:
+    """Whether ``x`` is the ``optax.MaskedNode`` that ``optax.partition``/``masked`` put in place
+    of the leaves another transform owns."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def flatten_params(tree: Any) -> list:
+    """The leaves of a params, updates or moments tree, each ``MaskedNode`` counted as one.
+
+    Inside ``optax.partition``/``masked`` the routed transform sees its part of the tree with
+    ``MaskedNode`` where a leaf belongs to another part; counting those keeps the leaf indices
+    of the routing table the same in every tree the step reads (params, grads, Adam moments).
+    """
+    return jax.tree.leaves(tree, is_leaf=is_masked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +95,29 @@ def _is_label_leaf(x) -> bool:
 def flatten_labels(labels: Any, params: Any) -> list[ExpertLabel | None]:
     """Flattens a label tree (or a callable ``params -> labels``) against the params.
 
+    Leaves that ``optax.partition`` or ``optax.masked`` have masked out (``MaskedNode``) get
+    None whatever their label: another transform owns them, so a label tree written for the
+    whole model works inside a partition that freezes part of it. Paths are compared as
+    `path_to_str` writes them, so a label tree need not share the params' container types
+    (plain dicts label an NNX ``State``).
+
+    Returns:
+      One entry per leaf of ``flatten_params(params)``.
+
     Raises:
       ValueError: when the label tree does not have the structure of the params, naming the
         paths that differ, or when a leaf holds something other than an ExpertLabel or None.
     """
+    if labels is None:
+        raise ValueError(_NO_LABELS)
     if callable(labels) and not isinstance(labels, (dict, list, tuple)):
         labels = labels(params)
-    label_paths, label_leaves = _paths_and_leaves(labels, _is_label_leaf)
-    param_paths, _ = _paths_and_leaves(params, None)
+    label_paths, label_leaves = _paths_and_leaves(
+        labels, lambda x: _is_label_leaf(x) or is_masked(x))
+    param_paths, param_leaves = _paths_and_leaves(params, is_masked)
     if label_paths != param_paths:
+        if label_paths == [""] and param_paths != [""]:
+            raise ValueError(_NO_LABELS)
         missing = sorted(set(param_paths) - set(label_paths))[:5]
         extra = sorted(set(label_paths) - set(param_paths))[:5]
         raise ValueError(
@@ -93,11 +125,25 @@ def flatten_labels(labels: Any, params: Any) -> list[ExpertLabel | None]:
             f"Params leaves without a label: {missing or 'none'}; labels without a param leaf: "
             f"{extra or 'none'}. Give every param leaf an ExpertLabel or None."
         )
-    for path, label in zip(label_paths, label_leaves):
-        if not _is_label_leaf(label):
+    out = []
+    for path, label, leaf in zip(label_paths, label_leaves, param_leaves):
+        if is_masked(leaf):
+            out.append(None)
+        elif _is_label_leaf(label):
+            out.append(label)
+        else:
             raise ValueError(f"molf_route: label of {path!r} is {label!r}; expected an "
                              "ExpertLabel or None")
-    return label_leaves
+    return out
+
+
+# A label tree with a single label for a whole tree is what optax.inject_hyperparams makes of
+# a label function: it takes any callable for a schedule and calls it with the step count.
+_NO_LABELS = (
+    "molf_route: labels is None or one label for the whole tree; under "
+    "optax.inject_hyperparams a label function is taken for a schedule and called with the "
+    "step count: pass the label tree (label_lora_experts(params)) or name the argument in "
+    "static_args")
 
 
 def _paths_and_leaves(tree, is_leaf):
@@ -114,7 +160,7 @@ def build_routing_table(labels: Any, params: Any) -> RoutingTable:
         stacked leaf without a leading axis, or LoRA factors whose ranks disagree.
     """
     label_leaves = flatten_labels(labels, params)
-    param_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    param_flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
 
     modules: dict[str, dict[int, list[tuple[int, str, Any]]]] = {}
     stacked_of: dict[str, bool] = {}

@@ -86,7 +86,8 @@ class TrainConfig:
                        "(frozen base, AdaLoRA triplets pruned by peft's rank allocator)",
                        choices=MODES, group="run")
     model: str = option("default", "'default' (embedded Gemma 3 270M), an HF folder, or a "
-                        "preset name for a random-init model (e.g. qwen2.5-1.5b)")
+                        "preset name for a random-init model (e.g. qwen2.5-1.5b; tiny-qwen2 or "
+                        "tiny-gemma3 for a smoke run in seconds)")
     task: str = option("fact", "the task to train on", choices=TASKS)
     source: str = option("offline", "'offline', a hub dataset name, or a local "
                          "json/jsonl/parquet/folder")

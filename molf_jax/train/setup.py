@@ -69,7 +69,7 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, None, models.preset(name))
     except KeyError:
         raise ConfigError(f"--model {name!r} is neither 'default', an existing HF folder, nor "
-                          "a preset name") from None
+                          f"a preset name ({', '.join(models.preset_names())})") from None
 
 
 def load_tokenizer(source: ModelSource):
