@@ -35,6 +35,10 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
       params: arrays or ``jax.ShapeDtypeStruct`` s carrying ``.sharding`` (e.g. from
         ``jax.device_put(params, shardings)`` or ``jax.eval_shape`` with ``out_shardings``).
 
+    The label functions of any ``optax.partition`` inside ``tx`` must take any tree (write them
+    with ``jax.tree_util.tree_map_with_path``): ``optax.tree.map_params`` calls ``init`` on a
+    leafless placeholder to find the params-shaped parts of the state.
+
     Returns:
       A tree like ``jax.eval_shape(tx.init, params)`` holding shardings, for
       ``jax.jit(..., out_shardings=...)`` or an orbax restore.
