@@ -159,6 +159,20 @@ def test_lora_experts_compute_the_scaled_sum():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_nnx_lora_experts_compute_the_scaled_sum():
+    linear = nnx.Linear(8, 16, rngs=nnx.Rngs(0))
+    kernel, bias = linear.kernel[...], linear.bias[...]
+    fc = LoraExperts(linear, SPEC, rngs=nnx.Rngs(1))
+    for i in (1, 2):
+        lora = getattr(fc, f"lora_{i}")
+        lora.lora_b[...] = jax.random.normal(jax.random.key(i), lora.lora_b.shape)
+    x, _ = data()
+    want = x @ kernel + bias + sum(
+        s * (x @ getattr(fc, f"lora_{i}").lora_a[...]) @ getattr(fc, f"lora_{i}").lora_b[...]
+        for i, s in enumerate(SPEC.scales, start=1))
+    np.testing.assert_allclose(fc(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_nnx_optimizer_trains_with_molf_adamw():
     x, y = data()
     model = NnxMLP(nnx.Rngs(0))
@@ -243,6 +257,9 @@ def test_peft_names_label_and_spec():
                                                      target_modules=["v", "q"]))
     assert from_config.experts == (LoraExpert(8, 16),) and from_config.targets == ("q", "v")
     assert not from_config.rslora and from_config.dropout == 0.0
+    default = LoraSpec.from_peft(r=8)  # peft's defaults, not ours
+    assert default.experts == (LoraExpert(8, 8),) and not default.rslora
+    assert default.dropout == 0.0 and default.targets == LoraSpec().targets
     with pytest.raises(ValueError, match="use_dora"):
         LoraSpec.from_peft(peft.LoraConfig(r=8, use_dora=True))
     with pytest.raises(ValueError, match="unknown field"):

@@ -24,7 +24,8 @@ import numpy as np
 import optax
 import pytest
 
-from molf_jax.routing import MolfRouteState, label_lora_experts, molf_adamw, molf_route
+from molf_jax.routing import (ExpertLabel, MolfRouteState, label_lora_experts, molf_adamw,
+                              molf_gate, molf_route)
 from tests.test_routing import random_grads, small_model
 
 LR = 1e-2
@@ -110,16 +111,19 @@ def test_converges_on_a_quadratic_and_map_params_is_a_no_op(make):
     assert (counts[np.asarray(route_state(state).scores) > -np.inf] > 0).all()
 
 
-def test_molf_route_factory_under_inject_hyperparams():
+@pytest.mark.parametrize("label_fn", [label_lora_experts, lambda p: ExpertLabel("all", 0)],
+                         ids=["returns None on a count", "returns one label on a count"])
+def test_molf_route_factory_under_inject_hyperparams(label_fn):
     """A factory over molf_route: its label function must be static (inject_hyperparams takes
-    any callable for a schedule); the error says so, and with static_args it matches."""
+    any callable for a schedule and calls it with the step count); the error says so, and with
+    static_args it matches."""
     params = small_model()
 
     def factory(labels, learning_rate):
         return molf_route(optax.adamw(learning_rate), labels, learning_rate=learning_rate)
 
-    with pytest.raises(ValueError, match="static_args"):
-        optax.inject_hyperparams(factory)(label_lora_experts, LR).init(params)
+    with pytest.raises(ValueError, match="called with the step count.*static_args"):
+        optax.inject_hyperparams(factory)(label_fn, LR).init(params)
     injected = optax.inject_hyperparams(factory, static_args="labels")(label_lora_experts, LR)
     plain = factory(label_lora_experts, LR)
     grads = random_grads(params, 0)
@@ -283,3 +287,18 @@ def test_update_without_params_is_refused_clearly(make):
     tx, params = make(), small_model()
     with pytest.raises(ValueError, match="needs params"):
         tx.update(random_grads(params, 0), tx.init(params))
+
+
+def test_molf_gate_inside_a_partition_and_map_params():
+    """The approximate gate form (before a stock AdamW) freezes and maps the same way."""
+    params = small_model()
+    gated = optax.chain(molf_gate(label_lora_experts), optax.adamw(LR))
+    tx = optax.partition({"molf": gated, "frozen": optax.set_to_zero()}, frozen_part)
+    state, p = tx.init(params), params
+    for t in range(2):
+        updates, state = jax.jit(tx.update)(random_grads(p, t), state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_array_equal(p["norm"]["scale"], params["norm"]["scale"])
+    gate = optax.tree_utils.tree_get(state, "MolfGateState")
+    assert gate.winners.shape == (4, 3) and not np.asarray(gate.winners)[[1, 3], 0].any()
+    chex.assert_trees_all_equal_structs(optax.tree.map_params(tx, lambda v: v, state), state)

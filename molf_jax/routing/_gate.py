@@ -19,7 +19,7 @@ import optax
 
 from molf_jax.routing._route import _check_top_k, _check_top_k_type, expert_sums, mask_updates, top_k_mask
 from molf_jax.routing._scores import Score
-from molf_jax.routing._table import build_routing_table
+from molf_jax.routing._table import build_routing_table, flatten_params, is_masked
 
 __all__ = ["MolfGateState", "molf_gate"]
 
@@ -58,6 +58,9 @@ def molf_gate(labels: Any, *, top_k: int = 1, decay: float = 0.9) -> optax.Gradi
     _check_top_k_type(top_k)
 
     def init_fn(params):
+        if not jax.tree.leaves(params, is_leaf=is_masked):
+            # optax.tree.map_params's leafless placeholder (see molf_route's init).
+            return MolfGateState(*(jnp.zeros(()),) * 5)
         table = build_routing_table(labels, params)
         _check_top_k(table, top_k)
         shape = table.valid.shape
@@ -72,7 +75,7 @@ def molf_gate(labels: Any, *, top_k: int = 1, decay: float = 0.9) -> optax.Gradi
     def update_fn(updates, state, params=None):
         del params
         table = build_routing_table(labels, updates)
-        grads = jax.tree.leaves(updates)
+        grads = flatten_params(updates)
         nothing = [None] * table.num_leaves
         sums = expert_sums(table, _SQUARED_GRAD, nothing, nothing, grads, grads)
         mean_sq = sums / jnp.asarray(np.where(table.valid, table.num_params, 1), jnp.float32)
