@@ -350,7 +350,7 @@ def test_tiny_presets_fit_the_byte_tokenizer(name, family):
     assert logits.shape == (1, 5, 260) and bool(jnp.isfinite(logits).all())
 
 
-def test_unknown_model_lists_the_presets(capsys):
-    status = cli_main(["train", "--model", "tiny", "--steps", "1"])
+def test_unknown_model_lists_the_presets(capsys, tmp_path):
+    status = cli_main(["train", "--model", "tiny", "--steps", "1", "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert status == 2 and "tiny-qwen2" in err and "tiny-gemma3" in err and "qwen2.5-0.5b" in err
