@@ -54,7 +54,7 @@ def lora_experts(spec: LoraSpec, *, deterministic: bool = True):
 
     Example:
       >>> spec = LoraSpec(experts=(LoraExpert(4, 8),), targets=("fc1",))  # doctest: +SKIP
-      >>> with lora_experts(spec):
+      >>> with lora_experts(spec):                                       # doctest: +SKIP
       ...     params = model.init(jax.random.key(0), x)["params"]    # fc1 gets lora_1/{a,b}
       ...     y = model.apply({"params": params}, x)
     """

@@ -45,7 +45,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
 
     Example:
       >>> shardings = state_shardings(tx, params)   # doctest: +SKIP
-      >>> step = jax.jit(train_step, out_shardings=(param_shardings, shardings, None))
+      >>> step = jax.jit(train_step, out_shardings=(param_shardings, shardings, None))  # doctest: +SKIP
     """
     abstract = jax.eval_shape(tx.init, params)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -67,8 +67,8 @@ def sharded_init(tx: optax.GradientTransformation, params: Any) -> Any:
 
     Example:
       >>> params = jax.device_put(params, param_shardings)   # doctest: +SKIP
-      >>> opt_state = sharded_init(molf_adamw(label_lora_experts, fft_learning_rate=1e-4,
-      ...                                     lora_learning_rate=1e-4), params)
+      >>> tx = molf_adamw(label_lora_experts, fft_learning_rate=1e-4, lora_learning_rate=1e-4)  # doctest: +SKIP
+      >>> opt_state = sharded_init(tx, params)   # doctest: +SKIP
     """
     return jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)
 
