@@ -67,7 +67,7 @@ def sharded_init(tx: optax.GradientTransformation, params: Any) -> Any:
 
     Example:
       >>> params = jax.device_put(params, param_shardings)   # doctest: +SKIP
-      >>> tx = molf_adamw(label_lora_experts, fft_learning_rate=1e-4, lora_learning_rate=1e-4)  # doctest: +SKIP
+      >>> tx = molf_adamw(labels, fft_learning_rate=1e-4, lora_learning_rate=1e-4)  # doctest: +SKIP
       >>> opt_state = sharded_init(tx, params)   # doctest: +SKIP
     """
     return jax.jit(tx.init, out_shardings=state_shardings(tx, params))(params)
