@@ -362,6 +362,7 @@ def _routing_summary(result, k: int, mode: str) -> dict[str, Any] | None:
     for i, name in enumerate(result.module_names):
         by_projection.setdefault(projection_of(name), []).append(i)
     return {"expert": "fft" if column == 0 else f"lora_{column}",
+            "steps": list(range(1, winners.shape[0] + 1)),
             "share_by_projection": {p: np.round(winners[:, idx, column].mean(1), 4).tolist()
                                     for p, idx in sorted(by_projection.items())},
             "share": round(float(winners[:, :, column].mean()), 4)}
