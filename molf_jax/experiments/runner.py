@@ -63,21 +63,27 @@ class Runner:
       model: 'default' (the embedded Gemma 3 270M) or an HF folder.
       out_dir: where rows, results.json and plots go.
       compute_dtype: activations of training ('bfloat16' on GPUs; tests use float32).
-      max_members: most members one program trains at once (None: all of them).
+      retention: score the forgetting probe after every run.
+      compile_ahead: programs compiled in threads while another trains.
+      remat: rematerialisation of the layers while training ('full' trades compute for the
+        memory of more members per program).
+      reserve_gib: device memory kept free of a program's members (base model, scoring).
     """
 
     def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
-                 max_members: int | None = None, score_batch: int = 256,
-                 retention: bool = True, compile_ahead: int = 3):
+                 score_batch: int = 256,
+                 retention: bool = True, compile_ahead: int = 3, remat: str = "none",
+                 reserve_gib: float = 8.0):
         from molf_jax import models
         from molf_jax.checkpoints import load_hf
         from molf_jax.train.setup import load_tokenizer, resolve_model
 
         self.out_dir = Path(out_dir)
         (self.out_dir / "rows").mkdir(parents=True, exist_ok=True)
-        self.compute_dtype, self.max_members = compute_dtype, max_members
+        self.compute_dtype = compute_dtype
         self.score_batch, self.retention = score_batch, retention
-        self.compile_ahead = compile_ahead
+        self.compile_ahead, self.remat = compile_ahead, remat
+        self.reserve_bytes = int(reserve_gib * 2**30)
         started = time.time()
         self.source = resolve_model(model)
         if self.source.hf_dir is None:
@@ -162,11 +168,19 @@ class Runner:
             grad_accum=1, epochs=size.epochs, steps=steps, max_length=size.max_length,
             out_dir=str(self.out_dir / "unused"), mesh="data=1,fsdp=1,tensor=1",
             eval_before_after=False, export=False,
-            **{**PLATFORM_DEFAULTS["cpu"], "compute_dtype": self.compute_dtype},
+            **{**PLATFORM_DEFAULTS["cpu"], "compute_dtype": self.compute_dtype,
+               "remat": self.remat},
             **program.settings)
 
-    def compiled(self, program: Program, data: TaskData, steps: int | None):
-        """The program's `MemberProgram`, compiled (callable from a thread)."""
+    def compiled(self, program: Program, data: TaskData, steps: int | None
+                 ) -> list[tuple[list, Any]]:
+        """The program's members in chunks that fit the device, each with its compiled
+        `MemberProgram` (callable from a thread).
+
+        The compiler's own memory analysis of the step (arguments, outputs and temporaries)
+        decides: while K members need more than the device holds (less a reserve for the base
+        model and scoring), K is halved. Members that fit run as one program.
+        """
         from molf_jax.data import pad_token_id
         from molf_jax.experiments.sweep import MemberProgram, member_batches
 
@@ -174,8 +188,31 @@ class Runner:
         members = list(program.members)
         _, total = member_batches(config, [data.train[m.seed] for m in members], members,
                                   pad_id=pad_token_id(self.tokenizer), lengths=(data.length,))
-        return MemberProgram(config, self.source.config, self.base_params, len(members), total,
-                             (config.grad_accum, config.batch_size, data.length)).compile()
+        shape = (config.grad_accum, config.batch_size, data.length)
+        built: dict[int, Any] = {}
+
+        def build(k: int):
+            if k not in built:
+                built[k] = MemberProgram(config, self.source.config, self.base_params, k, total,
+                                         shape).compile()
+            return built[k]
+
+        k = len(members)
+        while k > 1 and not self._fits(build(k)):
+            k = -(-k // 2)
+        chunks = [members[i:i + k] for i in range(0, len(members), k)]
+        return [(chunk, build(len(chunk))) for chunk in chunks]
+
+    def _fits(self, program) -> bool:
+        import jax
+
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return True  # CPU: no limit known
+        m = program.step.memory_analysis()
+        need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                + m.temp_size_in_bytes)
+        return need + self.reserve_bytes <= stats["bytes_limit"]
 
     def run_program(self, program: Program, data: TaskData, *, steps: int | None = None,
                     members=None, compiled=None) -> list[dict]:
@@ -266,11 +303,14 @@ class Runner:
     def _with_retry(self, program: Program, data: TaskData, steps, future) -> list[dict]:
         t0 = time.time()
         try:
-            compiled = future.result()
-            waited = time.time() - t0
+            chunks = future.result()
             timing = self.timings["programs"].setdefault(program.name, {})
-            timing["compile_wait_seconds"] = round(waited, 1)
-            rows = self.run_program(program, data, steps=steps, compiled=compiled)
+            timing["compile_wait_seconds"] = round(time.time() - t0, 1)
+            timing["chunks"] = [len(members) for members, _ in chunks]
+            rows = []
+            for members, compiled in chunks:
+                rows += self.run_program(program, data, steps=steps, members=members,
+                                         compiled=compiled)
         except Exception as error:  # noqa: BLE001 - reported, retried, then listed as failed
             memory = "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
             _say(f"{program.name}: failed ({type(error).__name__}: {str(error)[:300]}); "
@@ -322,6 +362,7 @@ def _routing_summary(result, k: int, mode: str) -> dict[str, Any] | None:
     for i, name in enumerate(result.module_names):
         by_projection.setdefault(projection_of(name), []).append(i)
     return {"expert": "fft" if column == 0 else f"lora_{column}",
+            "steps": list(range(1, winners.shape[0] + 1)),
             "share_by_projection": {p: np.round(winners[:, idx, column].mean(1), 4).tolist()
                                     for p, idx in sorted(by_projection.items())},
             "share": round(float(winners[:, :, column].mean()), 4)}
