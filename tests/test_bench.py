@@ -19,6 +19,9 @@ from molf_jax.train.setup import build_params, resolve_model, training_model, tr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
+import bench_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 def abstract(tree, mesh):
     rule = param_sharding(mesh)
@@ -101,3 +104,18 @@ def test_routed_step_keeps_no_copy_of_the_old_adam_moments():
     hlo = step.lower(params, opt_state, _batch(config, setup.mesh)).compile().as_text()
     copied = re.findall(r"copy\(%(opt_state\w*__(?:mu|nu)__\w*)", hlo)
     assert not copied, copied[:4]
+
+
+def test_the_speed_tables_are_the_scripts_output(capsys):
+    """docs/performance.md's speed tables are pasted output, never typed by hand."""
+    readme = (ROOT / "docs" / "performance.md").read_text()
+
+    def block(marker):
+        start = readme.index(f"<!-- {marker} -->") + len(f"<!-- {marker} -->")
+        return readme[start:readme.index("<!-- end -->", start)].strip()
+
+    for section, marker in (("speed", ""), ("memory-model", " --memory-model"),
+                            ("trainer", " --trainer")):
+        bench_table.main(section=section)
+        assert block(f"python scripts/bench_table.py{marker}") == \
+            capsys.readouterr().out.strip(), section

@@ -7,7 +7,7 @@ With ``W' = W + sum_i s_i a_i b_i`` the layer is ``y = x W'``, so the kernel's g
 LoRA experts cost a few ``[in, r] x [r, out]`` products per step (independent of the number of
 tokens) instead of token-sized skinny matmuls (two per expert in each forward pass, four in the
 backward pass). The gradients are exact; only bf16 rounding differs from the factored form.
-Qwen2.5-1.5B molf on an H200: 29.1k -> 31.5k tokens/s (README, "Speed on an H200").
+Qwen2.5-1.5B molf on an H200: 29.1k -> 31.5k tokens/s (docs/performance.md, "Speed on an H200").
 
 Used only under differentiation: evaluated plainly (evaluation, decoding) the function is the
 factored ``x W + sum_i s_i (x a_i) b_i``, which is cheaper when there are few tokens. LoRA

@@ -138,7 +138,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
         # Adam moments had to outlive the new ones written into the donated state (the fused
         # parameter update recomputed the new moments from the old), and XLA copied the old
         # moments of Qwen2.5-3B's MLP kernels for it: 9.1 GiB of molf's 34.8 GiB peak (buffer
-        # assignment on the H200; README, "Larger models, memory, and the trainer").
+        # assignment on the H200; docs/performance.md, "Larger models, memory, and the trainer").
         new_train, new_opt_state = jax.lax.cond(finite, update, skip,
                                                 (grads, opt_state, train_params))
 
