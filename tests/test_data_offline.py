@@ -7,8 +7,6 @@ import sqlite3
 
 import pytest
 
-import importlib.util
-from pathlib import Path
 
 from molf_jax.data import (
     SQL_KINDS,
@@ -20,14 +18,6 @@ from molf_jax.data import (
     render_example,
 )
 from molf_jax.eval import execute_sql
-
-
-def _load_script(name):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _digest(data) -> str:
@@ -121,11 +111,12 @@ def test_mcq_answers_are_balanced_and_options_distinct():
 
 
 def test_known_facts_match_whole_answers_only():
-    known_facts = _load_script("known_facts")
-    assert known_facts.answered(" 19\n4 + 1 = 5", "19")
-    assert not known_facts.answered(" 190", "19")
-    assert known_facts.answered(' cold" and', "cold")
-    assert not known_facts.answered(" Parisian", "Paris")
+    from molf_jax.eval import answered
+
+    assert answered(" 19\n4 + 1 = 5", "19")
+    assert not answered(" 190", "19")
+    assert answered(' cold" and', "cold")
+    assert not answered(" Parisian", "Paris")
 
 
 def test_counterfacts_hold_out_paraphrases_and_neighbours():
