@@ -7,7 +7,6 @@ import sqlite3
 
 import pytest
 
-
 from molf_jax.data import (
     SQL_KINDS,
     _offline_mcq,
