@@ -33,9 +33,9 @@ from molf_jax.eval import (
 )
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-SQL = load_task("sql", os.path.join(FIXTURES, "synthetic_text_to_sql"))
-MED = load_task("med", os.path.join(FIXTURES, "medmcqa"))
-FACT = load_task("fact", os.path.join(FIXTURES, "counterfact.json"))
+SQL = load_task("sql", os.path.join(FIXTURES, "synthetic_text_to_sql"), protocol="authors")
+MED = load_task("med", os.path.join(FIXTURES, "medmcqa"), protocol="authors")
+FACT = load_task("fact", os.path.join(FIXTURES, "counterfact.json"), protocol="authors")
 BYTES = byte_level_tokenizer()
 
 
@@ -47,12 +47,18 @@ def gemma_like_tokenizer():
     return tok
 
 
-def test_paper_sources_default_to_the_authors_protocol_and_offline_to_ours():
+def test_the_authors_protocol_is_used_only_when_asked_for():
+    """A user's own file or a hub dataset trains as the library does unless --protocol authors
+    is given (their protocol trains Gemma without BOS)."""
     assert (SQL.protocol, MED.protocol, FACT.protocol) == ("authors",) * 3
+    for task, source in (("sql", "synthetic_text_to_sql"), ("med", "medmcqa"),
+                         ("fact", "counterfact.json")):
+        assert load_task(task, os.path.join(FIXTURES, source)).protocol == "molf_jax"
     assert load_task("med", "offline", size=4).protocol == "molf_jax"
-    assert resolve_protocol("molf_jax", "gretelai/synthetic_text_to_sql") == "molf_jax"
+    assert resolve_protocol(None) == "molf_jax"
+    assert resolve_protocol("authors") == "authors"
     with pytest.raises(ValueError, match="unknown protocol 'paper'"):
-        resolve_protocol("paper", "offline")
+        resolve_protocol("paper")
 
 
 def test_sql_template_is_theirs_with_instruction_input_and_context_blocks():
@@ -129,8 +135,8 @@ def test_the_authors_protocol_has_no_length_cap_and_random_batches():
     from molf_jax.train.loop import prepare_data
 
     source = os.path.join(FIXTURES, "synthetic_text_to_sql")
-    theirs = TrainConfig(task="sql", source=source)
-    ours = TrainConfig(task="sql", source=source, protocol="molf_jax")
+    theirs = TrainConfig(task="sql", source=source, protocol="authors")
+    ours = TrainConfig(task="sql", source=source)
     assert (theirs.data_protocol, theirs.length_cap, ours.length_cap) == ("authors", None, 256)
     kept, _ = prepare_data(theirs, BYTES)
     # Byte tokens: every fixture row is over 256 long; the authors drop and cut none of them.
@@ -293,6 +299,9 @@ def test_train_cli_takes_the_protocol_and_rejects_an_unknown_one(capsys):
         ["train", "--source", "medmcqa.parquet", "--protocol", "molf_jax"]))
     assert (config.data_protocol, config.length_cap) == ("molf_jax", 256)
     default = config_from_args(parser.parse_args(["train", "--source", "medmcqa.parquet"]))
-    assert (default.data_protocol, default.length_cap) == ("authors", None)
+    assert (default.data_protocol, default.length_cap) == ("molf_jax", 256)
+    theirs = config_from_args(parser.parse_args(
+        ["train", "--source", "medmcqa.parquet", "--protocol", "authors"]))
+    assert (theirs.data_protocol, theirs.length_cap) == ("authors", None)
     assert cli.main(["train", "--protocol", "paper"]) == 2
     assert "unknown protocol 'paper'" in capsys.readouterr().err

@@ -43,7 +43,7 @@ class EvalOptions:
     protocol: str | None = option(
         None, "prompts, tokens and scoring: 'authors' (their code's; their metrics, named "
         "authors_*, printed beside ours) or 'molf_jax'", choices=PROTOCOLS,
-        default_text="authors for paper data, molf_jax for offline tasks")
+        default_text="molf_jax; authors only when asked for")
     size: int = option(_TRAIN_DEFAULTS.task_size,
                        "records the offline generator makes (as molf-jax train)")
     seed: int = option(_TRAIN_DEFAULTS.seed, "offline generation / split seed")

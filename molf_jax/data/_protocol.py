@@ -8,8 +8,9 @@ cap, random batches, their answer extractors and their scoring. ``'molf_jax'`` i
 template with the question as the instruction, BOS in training and evaluation, a 256-token cap,
 length-grouped batches, and the corrected scoring of :mod:`molf_jax.eval`.
 
-The default follows the data: the paper's datasets (a hub name or a local copy) get
-``'authors'``, the offline tasks (which the authors never saw) get ``'molf_jax'``.
+The default is ``'molf_jax'`` for every source: the authors' quirks (Gemma trained without
+BOS, among others) matter only to a comparison with the paper, which asks for
+``'authors'`` by name; a user's own file or hub dataset gets the library's own protocol.
 """
 
 from __future__ import annotations
@@ -52,15 +53,15 @@ SETTINGS = {
 }
 
 
-def resolve_protocol(protocol: str | None, source: str) -> str:
-    """The protocol to use: the one given, else 'authors' for paper data, 'molf_jax' offline.
+def resolve_protocol(protocol: str | None) -> str:
+    """The protocol to use: the one given, else 'molf_jax' (whatever the data's source).
 
     Example:
-      >>> resolve_protocol(None, 'openlifescienceai/medmcqa'), resolve_protocol(None, 'offline')
-      ('authors', 'molf_jax')
+      >>> resolve_protocol(None), resolve_protocol('authors')
+      ('molf_jax', 'authors')
     """
     if protocol is None:
-        return MOLF_JAX if source == "offline" else AUTHORS
+        return MOLF_JAX
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     return protocol

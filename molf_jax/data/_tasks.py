@@ -51,7 +51,7 @@ class TaskData:
       source: where the records came from ('offline' or the hub name/path given).
       dropped: ``"<split>: <reason>" -> count`` of rows dropped while loading.
       protocol: how to render and score them ('authors' or 'molf_jax'; see
-        :mod:`molf_jax.data._protocol`): by default 'authors' for paper data, 'molf_jax' offline.
+        :mod:`molf_jax.data._protocol`): 'molf_jax' unless 'authors' is asked for.
     """
 
     task: str
@@ -276,7 +276,7 @@ def load_task(
       cop_base: index base of MedMCQA's ``cop`` (0 for the hub data, 1 for the original JSON).
       max_train_records: keep only the first N training records (source order).
       max_eval_records: keep only the first N evaluation records (source order).
-      protocol: 'authors' or 'molf_jax' (default: 'authors' unless the source is offline);
+      protocol: 'authors' or 'molf_jax' (default: 'molf_jax', whatever the source);
         under 'authors' SQL rows with a blank schema are kept, as the authors keep them.
       offline_options: offline only: options of the task's generator
         (:func:`offline_option_names`): SQL ``held_out_kinds`` (query kinds training never
@@ -292,7 +292,7 @@ def load_task(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    protocol = resolve_protocol(protocol, source)
+    protocol = resolve_protocol(protocol)
     dropped: dict[str, int] = {}
     if offline_options and source != OFFLINE:
         raise ValueError(f"offline_options apply to source 'offline' only, not {source!r}")

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--source", default="offline")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                   help="default: authors for paper data, molf_jax offline")
+                   help="default: molf_jax; authors only when asked for")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None)

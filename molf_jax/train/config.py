@@ -94,7 +94,7 @@ class TrainConfig:
     protocol: str | None = option(
         None, "data preparation and scoring: 'authors' (their code's prompts, EOS, BOS "
         "handling, no length cap, random batches and metrics, to compare with the paper) or "
-        "'molf_jax' (ours)", default_text="authors for paper data, molf_jax for offline tasks")
+        "'molf_jax' (ours)", default_text="molf_jax; authors only when asked for")
     # 48 fact edits plus their 48 anchors: 24 steps of 8 over 2 epochs, the CPU main job.
     task_size: int = option(48, "records the offline generator makes (offline fact: edits, "
                             "each trained with one anchor)")
@@ -227,8 +227,8 @@ class TrainConfig:
 
     @property
     def data_protocol(self) -> str:
-        """The protocol in force: the one given, else the default for ``source``."""
-        return resolve_protocol(self.protocol, self.source)
+        """The protocol in force: the one given, else 'molf_jax'."""
+        return resolve_protocol(self.protocol)
 
     @property
     def length_cap(self) -> int | None:
