@@ -79,6 +79,18 @@ def test_sql_row_order_matters_only_with_order_by():
     assert sql_metrics([reversed_rows], [ordered])["execution_accuracy"]["value"] == 0.0
 
 
+def test_sql_rows_compare_as_a_multiset_so_distinct_and_duplicates_differ():
+    context = "CREATE TABLE t (a INT); INSERT INTO t VALUES (1), (2), (2);"
+    duplicates = {"sql_context": context, "sql": "SELECT a FROM t;"}
+    distinct = {"sql_context": context, "sql": "SELECT DISTINCT a FROM t;"}
+    assert sql_metrics(["SELECT DISTINCT a FROM t"], [duplicates])[
+        "execution_accuracy"]["value"] == 0.0
+    assert sql_metrics(["SELECT a FROM t"], [distinct])["execution_accuracy"]["value"] == 0.0
+    # Same multiset in another order (no ORDER BY): right.
+    assert sql_metrics(["SELECT a FROM t ORDER BY a DESC"], [duplicates])[
+        "execution_accuracy"]["value"] == 1.0
+
+
 def test_sql_runaway_and_multi_statement_predictions_are_wrong():
     context = ("CREATE TABLE t (a INT); INSERT INTO t VALUES " +
                ", ".join(f"({i})" for i in range(200)) + ";")
@@ -99,11 +111,16 @@ def test_first_option_letter():
     assert first_option_letter(" B") == "B"
     assert first_option_letter(" (d) or D. Neutrophilia") == "D"
     assert first_option_letter("DNA is C") == "C"
+    # The first letter, not the last: the model's answer, then its reasoning about another.
+    assert first_option_letter(" B, since A and C are wrong") == "B"
+    assert first_option_letter("A\nQuestion: which is D?") == "A"
     assert first_option_letter(" none of these") is None
 
 
 def test_med_accuracy_perfect_wrong_and_unparsed():
     records = [{"cop": 0}, {"cop": 3}, {"cop": 1}]
+    assert med_metrics([" A, not C", " D, or B", " B; D is a distractor"], records)[
+        "accuracy"] == {"value": 1.0, "n": 3}
     assert med_metrics([" A", " D.", " B because"], records)["accuracy"] == {"value": 1.0, "n": 3}
     assert med_metrics([" B", " A", " C"], records)["accuracy"]["value"] == 0.0
     metrics = med_metrics([" A", "???", " B"], records)

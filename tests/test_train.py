@@ -220,3 +220,17 @@ def test_non_finite_losses_skip_steps_then_stop(capsys, tiny_dir, tmp_path):
                           "--out-dir", str(tmp_path / "nan"))
     assert status == 2
     assert "update skipped (1 in a row)" in err and "2 non-finite steps in a row" in err
+
+
+@pytest.mark.parametrize("epochs, grad_accum, micro_batches, expected", [
+    (2.0, 1, 10, 20), (2.0, 4, 10, 5), (1.0, 4, 10, 3), (0.1, 8, 10, 1)])
+def test_optimizer_steps_of_the_epochs_count_micro_batches_per_step(epochs, grad_accum,
+                                                                    micro_batches, expected):
+    """An epoch of 10 micro-batches at --grad-accum 4 is 2.5 optimizer steps (rounded up), not
+    10: the default epochs must not train grad_accum times too long."""
+    from molf_jax.train import TrainConfig
+    from molf_jax.train.loop import total_optimizer_steps
+
+    config = TrainConfig(epochs=epochs, grad_accum=grad_accum)
+    assert total_optimizer_steps(config, micro_batches) == expected
+    assert total_optimizer_steps(config.replace(steps=7), micro_batches) == 7
