@@ -226,3 +226,19 @@ def test_export_refuses_an_adapter_for_a_run_that_trained_its_base(folders, tmp_
     written, note = export_artifacts(run, tmp_path)
     assert set(written) == {"merged"} and reason in note
     assert not (tmp_path / "adapter").exists()
+
+
+def test_export_dtype_bfloat16_writes_bfloat16_that_keeps_large_values(folders, tmp_path):
+    """bfloat16, not float16: Gemma's scaled embeddings reach values float16 cannot hold."""
+    run = run_artifacts(folders["gemma3"], "molfe", TWO)
+    large = 1e5  # past float16's largest finite value, 65504
+    run.params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0, 0].set(large) if "embed_tokens" in jax.tree_util.keystr(path)
+        else x, run.params)
+    written, note = export_artifacts(run, tmp_path, dtype="bfloat16")
+    assert note is None
+    merged = load_file(written["merged"] / "model.safetensors")
+    adapter = load_file(written["adapter"] / ADAPTER_WEIGHTS)
+    assert {t.dtype for t in [*merged.values(), *adapter.values()]} == {np.dtype(jnp.bfloat16)}
+    embedding = merged["model.embed_tokens.weight"].astype(np.float32)
+    assert embedding[0, 0] == np.float32(jnp.bfloat16(large)) and np.isfinite(embedding).all()
