@@ -27,6 +27,7 @@ __all__ = [
     "RMSNorm",
     "apply_rope",
     "attention_mask",
+    "cudnn_attention_kwargs",
     "rope_cos_sin",
     "rope_inv_freq",
 ]
@@ -117,6 +118,22 @@ def attention_mask(q_index: jax.Array, kv_index: jax.Array, kv_valid: jax.Array,
     if window is not None:
         allowed = allowed & (kv > q - window)
     return allowed[None, None, :, :] & kv_valid[:, None, None, :]
+
+
+def cudnn_attention_kwargs(seq_lengths: jax.Array, window: int | None) -> dict:
+    """What the cuDNN path passes to `jax.nn.dot_product_attention` besides q, k, v and scale.
+
+    The same keys as `attention_mask` describes, in the kernel's terms: causal, the first
+    ``seq_lengths`` [B] slots of each right-padded row valid, and, if ``window``, the ``window``
+    most recent slots including the query's own (HF's ``kv > q - window``: ``window - 1`` keys
+    to the left). Pure, so CPU tests check it against the XLA path's mask.
+
+    Example:
+      >>> cudnn_attention_kwargs(jnp.array([3]), 4)['local_window_size']
+      (3, 0)
+    """
+    return dict(is_causal=True, query_seq_lengths=seq_lengths, key_value_seq_lengths=seq_lengths,
+                local_window_size=None if window is None else (window - 1, 0))
 
 
 def _select(local, global_value, local_value):
@@ -342,10 +359,8 @@ class Attention(nn.Module):
     def _cudnn(self, q, k, v, seq_lengths, local):
         def run(window):
             return jax.nn.dot_product_attention(
-                q, k, v, scale=self.scale, is_causal=True, query_seq_lengths=seq_lengths,
-                key_value_seq_lengths=seq_lengths,
-                local_window_size=None if window is None else (window - 1, 0),
-                implementation="cudnn")
+                q, k, v, scale=self.scale, implementation="cudnn",
+                **cudnn_attention_kwargs(seq_lengths, window))
 
         if isinstance(local, (bool, np.bool_)):
             return run(self.window if local else None)
