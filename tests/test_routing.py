@@ -344,3 +344,67 @@ def test_errors_are_clear_and_early():
     with pytest.raises(ValueError, match="no entry for expert 1"):
         molf_route(optax.adamw(1e-3), label_lora_experts,
                    learning_rate={"fft": 1e-3}).init(params)
+
+
+def _gate_reference(params, grads_per_step, decay, top_k):
+    """NumPy restatement of `molf_gate`: per step, each expert's EMA of its mean squared
+    gradient, bias-corrected, square-rooted; the top-k pass their gradients, the rest zero."""
+    names = routing_table(label_lora_experts, params).module_names
+    experts = {}  # (module, expert) -> leaf paths
+    for path, label in _paths(label_lora_experts(params)).items():
+        if label is not None:
+            experts.setdefault((label.module, label.expert), []).append(path)
+    width = 1 + max(e for _, e in experts)
+    ema = np.zeros((len(names), width))
+    wins = np.zeros((len(names), width), int)
+    steps = []
+    for t, grads in enumerate(grads_per_step, start=1):
+        g = {p: np.asarray(x, np.float64) for p, x in _paths(grads).items()}
+        mean_sq = np.zeros_like(ema)
+        for (module, e), leaf_paths in experts.items():
+            mean_sq[names.index(module), e] = (sum((g[p] ** 2).sum() for p in leaf_paths)
+                                               / sum(g[p].size for p in leaf_paths))
+        ema = decay * ema + (1 - decay) * mean_sq
+        scores = np.full_like(ema, -np.inf)
+        for module, e in experts:
+            row = names.index(module)
+            scores[row, e] = np.sqrt(ema[row, e] / (1 - decay ** t))
+        winners = np.zeros_like(wins, bool)
+        for row in range(len(names)):
+            winners[row, np.argsort(-scores[row], kind="stable")[:top_k]] = True
+        wins = wins + winners
+        updates = dict(g)
+        for (module, e), leaf_paths in experts.items():
+            for p in leaf_paths:
+                updates[p] = g[p] if winners[names.index(module), e] else np.zeros_like(g[p])
+        steps.append(dict(count=t, grad_sq_ema=ema.copy(), scores=scores, winners=winners,
+                          win_counts=wins.copy(), updates=updates))
+    return steps
+
+
+@pytest.mark.parametrize("decay, top_k", [(0.8, 1), (0.5, 2)])
+def test_gate_state_and_updates_follow_its_rule_term_by_term(decay, top_k):
+    """Every term of the gate's update pinned: the EMA and its decay, the mean over each
+    expert's parameters, the bias correction, the square root, top-k and the gradient gate."""
+    params = small_model()
+    grads_per_step = [random_grads(params, t) for t in range(4)]
+    tx = molf_gate(label_lora_experts, top_k=top_k, decay=decay)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    expected = _gate_reference(params, grads_per_step, decay, top_k)
+    winners_seen = set()
+    for t, (grads, want) in enumerate(zip(grads_per_step, expected), start=1):
+        updates, state = update(grads, state, params)
+        assert int(state.count) == want["count"]
+        for field in ("grad_sq_ema", "scores"):
+            np.testing.assert_allclose(np.asarray(getattr(state, field)), want[field],
+                                       rtol=2e-5, err_msg=f"step {t} {field}")
+        for field in ("winners", "win_counts"):
+            np.testing.assert_array_equal(np.asarray(getattr(state, field)), want[field],
+                                          err_msg=f"step {t} {field}")
+        for path, value in _paths(updates).items():
+            np.testing.assert_allclose(np.asarray(value), want["updates"][path], rtol=1e-6,
+                                       err_msg=f"step {t} {path}")
+        winners_seen.add(np.asarray(state.winners).tobytes())
+    # The case is informative: the winners change across steps.
+    assert len(winners_seen) > 1
