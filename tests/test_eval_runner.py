@@ -196,8 +196,64 @@ def test_eval_command_registers_its_arguments():
     assert args.func.__name__ == "main" and args.func.__module__ == "molf_jax.cli.eval"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--task", "math"])
-    with pytest.raises(SystemExit):  # --task is required
-        parser.parse_args(["eval", "--model", "m"])
+    assert parser.parse_args(["eval", "--model", "m"]).task is None  # the run's, if a run
+
+
+def test_eval_of_a_folder_outside_a_run_needs_the_task(tmp_path, capsys):
+    from molf_jax.cli import main as cli_main
+
+    (tmp_path / "config.json").write_text("{}")
+    assert cli_main(["eval", "--model", str(tmp_path)]) == 2
+    assert f"--task is required: --model {tmp_path} is not a run directory" in \
+        capsys.readouterr().err
+    assert cli_main(["eval", "--model", str(tmp_path / "run")]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tiny_model, tmp_path_factory):
+    """A run directory as molf-jax train leaves it, for what eval reads: run_config.json (a fact
+    run on 3 generated cases, seed 5, scoring 2) and the merged folder."""
+    import json
+
+    from molf_jax.checkpoints import save_hf
+    from molf_jax.train import TrainConfig
+
+    model, params = tiny_model
+    run = tmp_path_factory.mktemp("evalrun") / "fact_run"
+    save_hf(run / "merged", params, model.config, tokenizer=TOK)
+    config = TrainConfig(task="fact", task_size=3, seed=5, eval_limit=2, out_dir=str(run))
+    (run / "run_config.json").write_text(json.dumps(config.to_dict()))
+    return run
+
+
+@pytest.mark.parametrize("where", ["merged", "run"])
+def test_eval_of_a_run_scores_the_cases_it_trained_on(tiny_model, tiny_run_dir, where, capsys):
+    import json
+
+    from molf_jax.cli import main as cli_main
+
+    model, params = tiny_model
+    folder = tiny_run_dir / "merged" if where == "merged" else tiny_run_dir
+    assert cli_main(["eval", "--model", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    records = load_task("fact", size=3, seed=5).eval[:2]
+    assert records != load_task("fact", size=48, seed=0).eval[:2]  # other cases than the defaults
+    assert json.loads(out)["metrics"] == evaluate_task("fact", model, params, TOK, records)
+    assert f"the cases of the run {tiny_run_dir} (task fact, source offline, protocol " \
+        "molf_jax, size 3, seed 5, limit 2" in err
+    assert json.loads(out)["model"] == "fact_run"
+    # A flag still wins over the run's setting.
+    assert cli_main(["eval", "--model", str(folder), "--size", "4", "--limit", "1"]) == 0
+    expected = evaluate_task("fact", model, params, TOK, load_task("fact", size=4, seed=5).eval[:1])
+    assert json.loads(capsys.readouterr().out)["metrics"] == expected
+
+
+def test_eval_of_a_run_without_its_merged_folder_says_how_to_write_it(tmp_path, capsys):
+    from molf_jax.cli import main as cli_main
+
+    (tmp_path / "run_config.json").write_text("{}")
+    assert cli_main(["eval", "--model", str(tmp_path)]) == 2
+    assert f"molf-jax export {tmp_path}" in capsys.readouterr().err
 
 
 def test_eval_command_scores_an_hf_folder_and_appends_rows(tiny_model, tmp_path, capsys):

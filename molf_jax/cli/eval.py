@@ -5,6 +5,12 @@ Example::
     molf-jax eval --model runs/merged --task med --source offline --size 500 \\
         --results results.csv
 
+Given a run directory, or the ``merged/`` folder inside one, it scores that run's merged model
+on the cases the run trained and evaluated on: task, source, protocol, generator size, seed and
+``--eval-limit`` come from the run's ``run_config.json`` unless a flag names them::
+
+    molf-jax eval --model runs/molf          # = --model runs/molf/merged, the run's own cases
+
 The folder is loaded with ``molf_jax.checkpoints.load_hf`` (config + params), the model
 built with ``molf_jax.models.build_model``, the tokenizer with transformers' ``AutoTokenizer``
 from the same folder. Metrics are printed as JSON and, with ``--results``, appended as one row
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -25,6 +32,7 @@ from molf_jax.data import PROTOCOLS, TASKS
 from molf_jax.eval._results import check_results_file
 from molf_jax.options import add_arguments, from_arguments, option
 from molf_jax.paths import PathError
+from molf_jax.run_dir import RunDir
 from molf_jax.train.config import TrainConfig
 
 # The offline cases `molf-jax train` scores before and after training: the same generator size
@@ -36,20 +44,26 @@ _TRAIN_DEFAULTS = TrainConfig()
 class EvalOptions:
     """What ``molf-jax eval`` scores and where the rows go: one flag per field."""
 
-    model: str = option(None, "HF-format folder (config + safetensors)", required=True)
-    task: str = option(None, "the task to score", choices=TASKS, required=True)
-    source: str = option("offline", "'offline' (generated), a hub dataset name, or a local "
-                         "json/jsonl/parquet/folder")
+    model: str = option(None, "HF-format folder (config + safetensors), or a run directory "
+                        "(its merged/ folder is scored)", required=True)
+    task: str | None = option(None, "the task to score", choices=TASKS,
+                              default_text="the run's; required for a folder outside a run")
+    source: str | None = option(None, "'offline' (generated), a hub dataset name, or a local "
+                                "json/jsonl/parquet/folder", default_text=f"the run's, else "
+                                f"{_TRAIN_DEFAULTS.source}")
     protocol: str | None = option(
         None, "prompts, tokens and scoring: 'authors' (their code's; their metrics, named "
         "authors_*, printed beside ours) or 'molf_jax'", choices=PROTOCOLS,
-        default_text="molf_jax; authors only when asked for")
-    size: int = option(_TRAIN_DEFAULTS.task_size,
-                       "records the offline generator makes (as molf-jax train)")
-    seed: int = option(_TRAIN_DEFAULTS.seed, "offline generation / split seed")
+        default_text="the run's, else molf_jax; authors only when asked for")
+    size: int | None = option(None, "records the offline generator makes (as molf-jax train)",
+                              default_text=f"the run's --task-size, else "
+                              f"{_TRAIN_DEFAULTS.task_size}")
+    seed: int | None = option(None, "offline generation / split seed",
+                              default_text=f"the run's, else {_TRAIN_DEFAULTS.seed}")
     split: str = option("eval", "which split to score", choices=("eval", "train"))
-    limit: int = option(_TRAIN_DEFAULTS.eval_limit, "score only the first N records (the cases "
-                        "molf-jax train scores; 0: all)")
+    limit: int | None = option(None, "score only the first N records (the cases molf-jax "
+                               "train scores; 0: all)", default_text=f"the run's --eval-limit, "
+                               f"else {_TRAIN_DEFAULTS.eval_limit}")
     cop_base: int = option(0, "MedMCQA 'cop' index base")
     no_sql_context: bool = option(False, "SQL prompts without schema")
     batch_size: int = option(8, "prompts per batch")
@@ -57,7 +71,12 @@ class EvalOptions:
                                         default_text="256 for sql, 8 for med")
     results: str | None = option(None, "CSV or JSONL file to append rows to")
     name: str | None = option(None, "model name in result rows",
-                              default_text="the folder's name")
+                              default_text="the run directory's name, else the folder's")
+
+
+# The eval options a run directory fills in, from the TrainConfig fields of its run_config.json.
+_FROM_RUN = {"task": "task", "source": "source", "protocol": "protocol", "size": "task_size",
+             "seed": "seed", "limit": "eval_limit"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -79,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """Runs the evaluation described by parsed ``args``; returns the exit status."""
-    args = from_arguments(EvalOptions, args)
+    args, run = with_run_defaults(from_arguments(EvalOptions, args))
     from transformers import AutoTokenizer
 
     from molf_jax.checkpoints import load_hf
@@ -93,6 +112,10 @@ def main(args: argparse.Namespace) -> int:
     records = data.eval if args.split == "eval" else data.train
     if args.limit:
         records = records[: args.limit]
+    if run is not None:
+        _say(f"eval: the cases of the run {run.path} (task {args.task}, source {args.source}, "
+             f"protocol {data.protocol}, size {args.size}, seed {args.seed}, limit {args.limit}"
+             f"; flags override them)")
     _say(f"eval: {len(records)} {args.task} cases ({args.split} split of {args.source}"
          f"{f', {args.size} generated, seed {args.seed}' if args.source == 'offline' else ''})"
          f" on {args.model}")
@@ -108,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
 
-    name = args.name or os.path.basename(os.path.normpath(args.model))
+    name = args.name or os.path.basename(os.path.normpath(run.path if run else args.model))
     task = f"{args.task}-offline" if args.source == "offline" else args.task
     report_metrics(name, task, metrics, seconds, args.results)
     comparison = paper_comparison(args.task, metrics)
@@ -119,6 +142,48 @@ def main(args: argparse.Namespace) -> int:
         if isinstance(result, dict) and "value" in result:
             _say(f"  {metric:<14} {result['value']:.4f}  (n {result.get('n')})")
     return 0
+
+
+def with_run_defaults(args: EvalOptions) -> tuple[EvalOptions, RunDir | None]:
+    """``args`` with ``--model`` pointing at a run's merged folder and every option left unset
+    taken from that run's ``run_config.json`` (the run itself is returned too), or, for a
+    folder outside a run, from `molf-jax train`'s defaults.
+
+    Raises:
+      ValueError (`molf_jax.paths.PathError` for paths): the message names the flag.
+
+    Example:
+      >>> args, run = with_run_defaults(EvalOptions(model='m', task='med'))  # not a run
+      >>> (args.source, args.size, run)
+      ('offline', 48, None)
+    """
+    model = Path(args.model)
+    run = None
+    if RunDir(model).config.is_file():
+        run = RunDir(model)
+        if not run.merged.is_dir():
+            raise PathError(f"--model {model}: a run directory without {run.merged.name}/; "
+                            f"write it with: molf-jax export {model}")
+        args = dataclasses.replace(args, model=str(run.merged))
+    elif model.name == RunDir(model.parent).merged.name and RunDir(model.parent).config.is_file():
+        run = RunDir(model.parent)
+    if run is not None:
+        try:
+            trained = json.loads(run.config.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--model {args.model}: cannot read {run.config}: {err}") from err
+        fallback = {name: trained.get(field) for name, field in _FROM_RUN.items()}
+    else:
+        # Outside a run there is no task to fall back on: --task must name it.
+        fallback = {name: getattr(_TRAIN_DEFAULTS, field) for name, field in _FROM_RUN.items()
+                    if name != "task"}
+        fallback["task"] = None
+    unset = {name: fallback[name] for name in _FROM_RUN if getattr(args, name) is None}
+    args = dataclasses.replace(args, **unset)
+    if args.task is None:
+        raise ValueError(f"--task is required: --model {args.model} is not a run directory "
+                         "or its merged folder (whose run_config.json names the task)")
+    return args, run
 
 
 def check_args(args: EvalOptions) -> None:
