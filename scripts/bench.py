@@ -34,6 +34,7 @@ from molf_jax.train import (ATTENTION, DTYPES, MODES, PLATFORM_DEFAULTS, REMAT, 
                             make_mesh, mode_roles, on_mesh, param_sharding, split_trainable,
                             training_model, training_step, with_platform_defaults)
 from molf_jax.adalora import AdaLoraSpec, add_adalora
+from molf_jax.device_memory import MEMORY_FRACTION_VARIABLE, use_device_memory
 from molf_jax.lora import LoraSpec, add_lora_experts
 
 PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md section 4)
@@ -233,6 +234,7 @@ def float32_loss(bench: Bench, params, batch) -> float:
 
 
 def main(argv=None):
+    print(use_device_memory(), flush=True)  # before setup() starts JAX's backend
     args = parse_args(argv)
     bench = setup(args)
     config, mesh, model_config = bench.config, bench.mesh, bench.model_config
@@ -313,6 +315,7 @@ def main(argv=None):
         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
         "mesh": dict(mesh.shape), "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "mem_fraction": os.environ.get(MEMORY_FRACTION_VARIABLE),
         "params": n_params, "trainable_params": n_train,
         "step_s": step_s, "step_s_all": times, "compile_s": compile_s,
         "optimizer_s": optimizer_s, "optimizer_share": optimizer_s / step_s,

@@ -17,10 +17,13 @@ import sys
 
 from molf_jax.cli import eval as eval_command
 from molf_jax.cli import export, plot, train
+from molf_jax.device_memory import use_device_memory
 
 __all__ = ["build_parser", "main"]
 
 _COMMANDS = (train, eval_command, export, plot)
+# The commands that place arrays on devices: JAX's allocator is sized before they start.
+_DEVICE_COMMANDS = ("train", "eval", "export")
 
 # Errors that describe bad input: printed as one message with exit status 2, no traceback
 # (OSError too: file-system errors the user can fix).
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in _DEVICE_COMMANDS:
+        print(f"molf-jax {args.command}: {use_device_memory()}", file=sys.stderr, flush=True)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
