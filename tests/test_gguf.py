@@ -25,6 +25,10 @@ from molf_jax.checkpoints import default_model
 from molf_jax.checkpoints.default_model import MARKER_FILE, default_cache_dir, default_model_dir
 from molf_jax.checkpoints.gguf import convert_gguf_to_hf
 
+# transformers' own GGUF tokenizer reader is the reference only from 5.24: before, it rebuilt
+# Gemma's tokenizer wrongly (no BOS, words split), which is why molf_jax builds its own.
+READER_IS_REFERENCE = tuple(map(int, transformers.__version__.split(".")[:2])) >= (5, 24)
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n",
@@ -116,9 +120,18 @@ def test_real_model_config_matches_transformers_gguf_config(ours, reference):
 
 
 def test_real_model_tokenizer_matches_transformers_gguf_tokenizer(tokenizer, real_gguf):
+    # Pinned whatever transformers is installed: BOS first, whole words, runs of newlines.
+    for text, pieces in [("The capital of France is",
+                          ["<bos>", "The", "▁capital", "▁of", "▁France", "▁is"]),
+                         (" passport", ["<bos>", "▁passport"]),
+                         ("a\n\n\nb", ["<bos>", "a", "\n\n\n", "b"])]:
+        assert tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids) == pieces, text
+    if not READER_IS_REFERENCE:
+        return
     reference_tokenizer = transformers.AutoTokenizer.from_pretrained(
         real_gguf.parent, gguf_file=real_gguf.name)
-    for text in PROMPTS + ["  two  spaces\tand a tab", "emoji 🙂 and 日本語"]:
+    for text in PROMPTS + ["  two  spaces\tand a tab", "emoji 🙂 and 日本語", "a\n\n\nb\n",
+                           " passport", "<bos><eos>[multimodal]<unused3>", "   ", ""]:
         assert tokenizer(text).input_ids == reference_tokenizer(text).input_ids, text
     assert len(tokenizer) == len(reference_tokenizer)
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
@@ -265,13 +278,14 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch, fake_convert)
 # with byte fallback (Gemma). Token types: 1 normal, 2 unknown, 3 control, 6 byte.
 _BPE_TOKENS = list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
 _SP_TOKENS = (["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
-              + list("abcdefghijklmnopqrstuvwxyz") + ["▁", "▁t", "he", "▁the", "<start_of_turn>"])
+              + list("abcdefghijklmnopqrstuvwxyz") + ["▁", "▁t", "he", "▁the", "ab", "bc"]
+              + ["\n\n", "<start_of_turn>"])  # "ab" before "bc": "abc" is "ab" + "c"
 _TOKENIZERS = {
     "qwen2": dict(model="gpt2", pre="qwen2", tokens=_BPE_TOKENS, merges=["Ġ t", "h e", "Ġt he"],
                   types=[1] * (len(_BPE_TOKENS) - 1) + [3],
                   ids=dict(bos=len(_BPE_TOKENS) - 1, eos=len(_BPE_TOKENS) - 1, pad=None)),
     "gemma3": dict(model="llama", pre="default", tokens=_SP_TOKENS, merges=None,
-                   types=[3, 3, 3, 2] + [6] * 256 + [1] * 30 + [3],
+                   types=[3, 3, 3, 2] + [6] * 256 + [1] * 32 + [4, 3],  # 4: user-defined
                    ids=dict(bos=2, eos=1, pad=0)),
 }
 
@@ -379,8 +393,13 @@ def test_tiny_round_trip_recovers_the_original_weights_and_logits(arch, tmp_path
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     ref_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_path.name)
-    for text in ["the theme", " the", "hello<|endoftext|><start_of_turn>", "Zé!"]:
-        assert tokenizer(text).input_ids == ref_tokenizer(text).input_ids
+    for text in ["the theme", " the", "hello<|endoftext|><start_of_turn>", "Zé!", "abc",
+                 "x\n\ny"]:
+        if arch == "qwen2" or READER_IS_REFERENCE:
+            assert tokenizer(text).input_ids == ref_tokenizer(text).input_ids, text
+    if arch == "gemma3":
+        assert tokenizer.convert_ids_to_tokens(tokenizer("the theme").input_ids) == [
+            "<bos>", "t", "he", "▁the", "m", "e"]
 
 
 def test_bfloat16_output_rounds_each_value_once(tmp_path):
@@ -474,3 +493,26 @@ def test_tokenizer_check_catches_a_tokenizer_that_misreads_the_vocabulary(whole_
     else:
         with pytest.raises(RuntimeError, match=error):
             check_tokenizer(tokenizer, vocab, add_bos=True, source=Path("m.gguf"))
+
+
+def test_conversion_builds_the_tokenizer_without_torch(tmp_path):
+    """The main job installs without torch: converting a GGUF (weights and tokenizer) must not
+    import it. The tokenizer still equals the one transformers' GGUF reader builds."""
+    import subprocess
+    import sys
+
+    gguf_path = _write_gguf(_tiny_hf_model("gemma3"), "gemma3", tmp_path / "tiny-gemma3.gguf")
+    code = ("import sys; sys.modules['torch'] = None  # any import of torch fails\n"
+            "from molf_jax.checkpoints.gguf import convert_gguf_to_hf\n"
+            f"convert_gguf_to_hf({str(gguf_path)!r}, {str(tmp_path / 'hf')!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_path.name)
+    for text in ["the theme", " the", "hello<start_of_turn>", "Zé!", "  two  spaces", "abc",
+                 "x\n\ny"]:
+        if READER_IS_REFERENCE:
+            assert tokenizer(text).input_ids == reference(text).input_ids, text
+    # The vocabulary's merge order and its user-defined tokens are kept.
+    assert tokenizer.convert_ids_to_tokens(tokenizer("abc\n\n").input_ids) == [
+        "<bos>", "ab", "c", "\n\n"]

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from molf_jax.checkpoints._gguf_tokenizer import save_gguf_tokenizer
+
 SUPPORTED_ARCHITECTURES = ("gemma3", "qwen2")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 
@@ -109,8 +111,8 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str
     Supports the `gemma3` (text) and `qwen2` GGUF architectures. Writes `config.json`,
     `model.safetensors` and the tokenizer files into `out_dir` (created if missing).
 
-    The tokenizer is rebuilt by transformers from the GGUF metadata; its GGUF reader needs torch
-    (CPU is enough). The weights themselves go through numpy only.
+    The tokenizer is built from the GGUF metadata with the `tokenizers` library
+    (`molf_jax.checkpoints._gguf_tokenizer`) and the weights go through numpy: no torch.
 
     Args:
       gguf_path: the `.gguf` file.
@@ -158,7 +160,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str
     _write_safetensors(out_dir / "model.safetensors", plan, family, dtype, gguf_path)
     config.save_pretrained(out_dir)
     _status(f"Writing the tokenizer of {gguf_path.name}")
-    tokenizer = _save_tokenizer(gguf_path, out_dir, config.model_type)
+    tokenizer = _save_tokenizer(reader, gguf_path, out_dir, config.model_type)
     check_tokenizer(tokenizer, _vocab_head(reader, 20_000),
                     add_bos=bool(_metadata(reader, "tokenizer.ggml.add_bos_token", False)),
                     source=gguf_path)
@@ -378,26 +380,26 @@ def _qwen2_config(reader, common: dict, gguf_path: Path):
     )
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path, model_type: str):
-    try:
-        from transformers import AutoTokenizer
-
-        # Naming the model type skips AutoTokenizer re-reading the whole GGUF for a config
-        # (about 15 s on the 262k-token Gemma vocabulary); the tokenizer built is the same.
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, tokenizer_type=model_type
-        )
-    except ImportError as err:
-        raise ImportError(
-            f"{gguf_path}: transformers builds the tokenizer from GGUF metadata and its GGUF reader "
-            f"needs torch; install torch (the CPU build is enough): {err}"
-        ) from err
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
+# The GGUF metadata the tokenizer is built from (`molf_jax.checkpoints._gguf_tokenizer`).
+_TOKENIZER_KEYS = tuple(f"tokenizer.ggml.{key}" for key in (
+    "model", "pre", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id",
+    "padding_token_id", "add_bos_token", "add_eos_token"))
 
 
-def _vocab_head(reader, n: int) -> list[str]:
-    """The first ``n`` vocabulary strings (decoding all 262k of Gemma's takes ~10 s)."""
+def _save_tokenizer(reader, gguf_path: Path, out_dir: Path, model_type: str):
+    """Builds the file's tokenizer with the `tokenizers` library (no torch, no transformers GGUF
+    reader), writes it into ``out_dir`` and returns it as transformers loads it from there."""
+    from transformers import AutoTokenizer
+
+    fields = {key: _metadata(reader, key) for key in _TOKENIZER_KEYS
+              if reader.get_field(key) is not None}
+    fields["tokenizer.ggml.tokens"] = _vocab_head(reader, None)
+    save_gguf_tokenizer(fields, out_dir, model_type, gguf_path)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def _vocab_head(reader, n: int | None) -> list[str]:
+    """The first ``n`` vocabulary strings (None: all of them)."""
     field = reader.get_field("tokenizer.ggml.tokens")
     if field is None:
         return []
@@ -410,13 +412,14 @@ _WORD_PIECE = re.compile(r"^[\u2581\u0120][A-Za-z]{4,}$")  # "▁word" (Sentence
 
 def check_tokenizer(tokenizer, vocab: list[str], *, add_bos: bool, source: Path,
                     sample: int = 32) -> None:
-    """Raises if the tokenizer transformers built does not reproduce the GGUF vocabulary.
+    """Raises if the tokenizer written for a GGUF, as transformers loads it back, does not
+    reproduce the GGUF vocabulary.
 
     Two checks: a BOS token comes first when the GGUF asks for one, and whole-word tokens of
     the vocabulary (the first ``sample`` of the form ``▁word`` / ``Ġword``) encode to
-    themselves. transformers 5.17 failed both on Gemma 3 270M (it split " passport" into four
-    pieces and dropped BOS), and a model fine-tuned through such a tokenizer learns nothing
-    useful; 5.24 passes.
+    themselves. transformers 5.17's own GGUF reader failed both on Gemma 3 270M (it split
+    " passport" into four pieces and dropped BOS), and a model fine-tuned through such a
+    tokenizer learns nothing useful; the tokenizer built here passes with any transformers.
     """
     if add_bos and tokenizer.bos_token_id is not None:
         ids = tokenizer("a")["input_ids"]
@@ -438,6 +441,6 @@ def check_tokenizer(tokenizer, vocab: list[str], *, add_bos: bool, source: Path,
 def _tokenizer_message(source: Path, what: str) -> str:
     import transformers
 
-    return (f"{source}: the tokenizer transformers {transformers.__version__} built from the GGUF "
-            f"{what}; this transformers version reads this GGUF's tokenizer wrongly (5.24 reads "
-            "Gemma 3 correctly): upgrade transformers, or copy a tokenizer.json made elsewhere")
+    return (f"{source}: the tokenizer built from the GGUF's metadata, loaded by transformers "
+            f"{transformers.__version__}, {what}; copy a tokenizer.json made for this model "
+            "next to the converted weights")

@@ -172,7 +172,8 @@ def with_run_defaults(args: EvalOptions) -> tuple[EvalOptions, RunDir | None]:
             trained = json.loads(run.config.read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"--model {args.model}: cannot read {run.config}: {err}") from err
-        fallback = {name: trained.get(field) for name, field in _FROM_RUN.items()}
+        fallback = {name: trained.get(field, getattr(_TRAIN_DEFAULTS, field))
+                    for name, field in _FROM_RUN.items()}
     else:
         # Outside a run there is no task to fall back on: --task must name it.
         fallback = {name: getattr(_TRAIN_DEFAULTS, field) for name, field in _FROM_RUN.items()
