@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-# JAX takes 75% of a GPU unless told otherwise; the sweep's programs need the card.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-
-from molf_jax.experiments.plan import GRIDS, PRESETS, TASKS  # noqa: E402
+from molf_jax.device_memory import use_device_memory
+from molf_jax.experiments.plan import GRIDS, PRESETS, TASKS
 
 
 def main(argv=None) -> None:
@@ -56,6 +53,8 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "scripts/reproduce.py", *(argv or sys.argv[1:])])
     wall, failed, timings = None, [], {}
     if not args.collect:
+        # The sweep's programs size themselves to the card: JAX must be let take it.
+        print(use_device_memory(), file=sys.stderr)
         import jax
 
         from molf_jax.experiments.plan import Plan
