@@ -22,7 +22,8 @@ from molf_jax.lora import LoraSpec, lora_paths, merge_lora
 from molf_jax.run_dir import RunDir
 from molf_jax.param_roles import LORA, split_trainable
 from molf_jax.train.checkpoint import RunCheckpointer
-from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig, check_adalora_schedule
+from molf_jax.train.config import (FFT_EXPERT_MODES, SCORES, TrainConfig,
+                                   check_adalora_schedule)
 from molf_jax.train.mesh import make_mesh
 from molf_jax.train.modes import build_optimizer
 from molf_jax.train.setup import assemble_run, model_identity
@@ -159,19 +160,27 @@ def adapter_refusal(run: Any) -> str | None:
     return None
 
 
-def load_run(run_dir) -> RunArtifacts:
+def load_run(run_dir, *, score: str | None = None) -> RunArtifacts:
     """Rebuilds a run's full parameters (base + trained leaves) from its latest checkpoint.
+
+    A run directory is data: the routing score it records is used only when it is one of
+    molf_jax's own. A run trained with a custom score (``package.module:name``) names code,
+    which is imported only when the caller passes it again as ``score``.
+
+    Args:
+      run_dir: a directory written by ``molf-jax train``.
+      score: the run's custom routing score (``--score`` of ``molf-jax export``).
+
+    Raises:
+      ValueError: ``run_config.json`` is not a run's configuration, or records a custom score
+        that ``score`` does not supply.
 
     Example:
       >>> run = load_run("runs/molf")                                 # doctest: +SKIP
       >>> run.params["layers"]["0"]["self_attn"]["q_proj"]["lora_1"]["a"].shape
     """
     run_dir = RunDir(run_dir).require()
-    raw = json.loads(run_dir.config.read_text())
-    for key in ("lora_ranks", "lora_alpha", "lora_targets"):
-        if raw.get(key) is not None:
-            raw[key] = tuple(raw[key])
-    config = TrainConfig(**raw).replace(mesh="data=1,fsdp=-1,tensor=1")
+    config = _recorded_config(run_dir, score).replace(mesh="data=1,fsdp=-1,tensor=1")
     run = assemble_run(config, make_mesh(config.mesh))
     trainable, frozen = split_trainable(run.params, run.roles)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
@@ -182,7 +191,8 @@ def load_run(run_dir) -> RunArtifacts:
         opt_state = jax.eval_shape(optimizer.init, trainable)
         opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
         trainable, opt_state, _ = checkpointer.restore(
-            trainable, opt_state, identity=model_identity(config, run.source, run.params))
+            trainable, opt_state, identity=model_identity(config, run.source, run.params),
+            say=lambda message: print(message, file=sys.stderr, flush=True))
     finally:
         checkpointer.close()
     params = join_trees(trainable, frozen)
@@ -193,3 +203,32 @@ def load_run(run_dir) -> RunArtifacts:
                         lora=run.lora, roles=run.roles, mode=config.mode,
                         source_dir=run.source.hf_dir, tokenizer=run.tokenizer,
                         total_steps=total_steps, rank_pattern=pattern)
+
+
+def _recorded_config(run_dir: RunDir, score: str | None) -> TrainConfig:
+    """The run's `TrainConfig` from ``run_config.json``, every fault named with the file."""
+    where = run_dir.config
+    try:
+        raw = json.loads(where.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: not a run configuration (a JSON object)")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    recorded = raw.get("score", "epd")
+    if recorded not in SCORES and score is None:
+        raise ValueError(f"{where}: the run was trained with the custom routing score "
+                         f"{recorded!r}; molf_jax imports no code a run directory names: pass "
+                         f"--score {recorded} (score={recorded!r}) to load it with that code")
+    if score is not None:
+        raw["score"] = score
+    for key in ("lora_ranks", "lora_alpha", "lora_targets"):
+        if isinstance(raw.get(key), list):
+            raw[key] = tuple(raw[key])
+    try:
+        return TrainConfig(**raw)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from None
