@@ -1,4 +1,9 @@
-"""Paths a user names: checked once, with one message that says what is wrong."""
+"""Paths a user names: checked once, with one message that says what is wrong.
+
+A run directory may be local or in object storage (``gs://bucket/run`` on a TPU pod, where the
+hosts share no file system). Local paths are `pathlib.Path` (links, locks and atomic renames
+work there); a path with a scheme is an `etils.epath.Path`, the path layer orbax itself uses.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,32 @@ import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["PathError", "open_appending", "owned_temp_dir", "process_alive", "refuse_link",
-           "remove_abandoned_temp_dirs", "writable_file", "writable_folder", "write_replacing"]
+__all__ = ["PathError", "as_path", "is_remote", "open_appending", "owned_temp_dir",
+           "process_alive", "refuse_link", "remove_abandoned_temp_dirs", "writable_file",
+           "writable_folder", "write_replacing"]
 
 
 class PathError(ValueError):
     """A path given by the user that cannot be used as asked (the message names it)."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names object storage (``gs://...``, ``s3://...``), not a local file."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> Path:
+    """``path`` as a `pathlib.Path`, or an `etils.epath.Path` when `is_remote`.
+
+    Example:
+      >>> as_path("gs://bucket/run") / "metrics.jsonl"            # doctest: +SKIP
+      PosixGPath('gs://bucket/run/metrics.jsonl')
+    """
+    if is_remote(path):
+        from etils import epath
+
+        return epath.Path(os.fspath(path))
+    return Path(path)
 
 
 def writable_folder(path: str | os.PathLike, flag: str) -> Path:
@@ -35,6 +60,8 @@ def writable_folder(path: str | os.PathLike, flag: str) -> Path:
     """
     if not str(path).strip():  # Path("") is the current folder
         raise PathError(f"{flag} is empty; name a folder")
+    if is_remote(path):
+        return _writable_remote_folder(as_path(path), flag)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise PathError(f"{flag} {path}: exists and is not a folder")
@@ -45,6 +72,17 @@ def writable_folder(path: str | os.PathLike, flag: str) -> Path:
             pass
     except OSError as err:
         raise PathError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+    return path
+
+
+def _writable_remote_folder(path, flag: str):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".molf_jax-probe-{socket.gethostname()}-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except Exception as err:  # each storage backend raises its own kinds
+        raise PathError(f"{flag} {path}: cannot write there ({err})") from None
     return path
 
 
@@ -71,6 +109,8 @@ def refuse_link(path: str | os.PathLike, what: str = "") -> None:
     Example:
       >>> refuse_link("runs/molf/metrics.jsonl")                  # doctest: +SKIP
     """
+    if is_remote(path):  # object storage has no links
+        return
     path = Path(path)
     if path.is_symlink():
         raise PathError(f"{what + ' ' if what else ''}{path}: is a symbolic link (to "
@@ -88,6 +128,10 @@ def write_replacing(path: str | os.PathLike, text: str) -> Path:
       >>> write_replacing("runs/molf/run_config.json", "{}")      # doctest: +SKIP
       PosixPath('runs/molf/run_config.json')
     """
+    if is_remote(path):  # an object is replaced whole by each write
+        path = as_path(path)
+        path.write_text(text)
+        return path
     path = Path(path)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # O_EXCL: a fresh name, never a file or link planted there; 0o666 and the umask give the
@@ -105,7 +149,13 @@ def write_replacing(path: str | os.PathLike, text: str) -> Path:
 
 
 def open_appending(path: str | os.PathLike):
-    """``open(path, "a")`` (line-buffered text) that refuses to follow a symbolic link."""
+    """``open(path, "a")`` (line-buffered text) that refuses to follow a symbolic link.
+
+    In object storage, where an object cannot be appended to, the lines are kept and the whole
+    object is written again by each ``flush()`` (and by ``close()``).
+    """
+    if is_remote(path):
+        return _RewrittenObject(as_path(path))
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     try:
         handle = os.open(path, flags, 0o644)
@@ -159,3 +209,25 @@ def process_alive(pid: int) -> bool:
 
 def _temp_prefix(name: str) -> str:
     return f".{name}.tmp-{socket.gethostname()}-"
+
+
+class _RewrittenObject:
+    """A text log in object storage: `open_appending`'s file for a remote path."""
+
+    def __init__(self, path):
+        self._path = path
+        self._chunks = [path.read_text()] if path.exists() else []
+        self._dirty = not self._chunks
+
+    def write(self, text: str) -> int:
+        self._chunks.append(text)
+        self._dirty = True
+        return len(text)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._path.write_text("".join(self._chunks))
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()

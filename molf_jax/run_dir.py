@@ -25,7 +25,7 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
-from molf_jax.paths import PathError, refuse_link
+from molf_jax.paths import PathError, as_path, is_remote, refuse_link
 
 __all__ = ["RunDir", "RunLock", "RunLockedError", "claimed"]
 
@@ -59,7 +59,8 @@ class RunDir:
     path: Path
 
     def __init__(self, path: str | os.PathLike):
-        object.__setattr__(self, "path", Path(path))
+        # A local Path, or an etils.epath.Path for object storage (gs://...).
+        object.__setattr__(self, "path", as_path(path))
 
     config = property(lambda self: self.path / "run_config.json")
     summary = property(lambda self: self.path / "summary.json")
@@ -135,6 +136,9 @@ class RunLock:
     process that dies however it dies, so the file a killed run leaves behind is taken over by
     the next one (and said so); no process id is ever guessed dead.
 
+    In object storage there is no such lock: the file itself is the lock, and one left by a
+    killed run is named in the refusal, for the user to delete.
+
     Args:
       run_dir: the run directory (it must exist).
       command: what the holder does, for the message another writer gets (``"train"``).
@@ -154,6 +158,8 @@ class RunLock:
         """Takes the lock, or raises RunLockedError naming the process that holds it."""
         import fcntl
 
+        if is_remote(self.run_dir.path):
+            return self._acquire_object()
         path = self.run_dir.lock
         refuse_link(path, "run directory entry")
         while True:
@@ -181,15 +187,38 @@ class RunLock:
         if left and self._say is not None:
             self._say(f"{path}: taking over the lock left by molf-jax {left.get('command', '?')} "
                       f"(process {left.get('pid', '?')}), which stopped without releasing it")
-        record = {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(),
-                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.pwrite(fd, json.dumps(self._record()).encode(), 0)
         self._fd = fd
         return self
 
+    def _acquire_object(self) -> RunLock:
+        path = self.run_dir.lock
+        if path.exists():
+            try:
+                holder = json.loads(path.read_text())
+            except ValueError:
+                holder = {}
+            raise RunLockedError(
+                f"{self.run_dir}: {path} says molf-jax {holder.get('command', '?')} (process "
+                f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+                f"{holder.get('since', '?')}) is writing this run directory; object storage "
+                "keeps no lock a killed process releases: delete that file if no process is "
+                "using the run")
+        path.write_text(json.dumps(self._record()))
+        self._fd = -1
+        return self
+
+    def _record(self) -> dict:
+        return {"command": self.command, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": datetime.datetime.now().isoformat(timespec="seconds")}
+
     def release(self) -> None:
         if self._fd is None:
+            return
+        if is_remote(self.run_dir.path):
+            self.run_dir.lock.unlink(missing_ok=True)
+            self._fd = None
             return
         try:
             os.unlink(self.run_dir.lock)

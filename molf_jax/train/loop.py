@@ -225,6 +225,7 @@ def _train(config: TrainConfig, run_dir: RunDir) -> RunSummary:
         # log a resume cuts back to).
         readback.drain(keep=0)
         readback.flush_interval()
+        log.flush()
         train_now, _ = split_trainable(params, roles)
         checkpointer.save(step, train_now, opt_state, {
             "step": step, "total_steps": total_steps, "data": iterator.state(),

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from molf_jax.paths import open_appending, refuse_link, write_replacing
+from molf_jax.paths import as_path, open_appending, refuse_link, write_replacing
 from molf_jax.run_dir import RunDir
 
 __all__ = ["RunLog", "cut_log"]
@@ -113,6 +113,14 @@ class RunLog:
                                         "winners": np.asarray(winners).astype(int).tolist(),
                                         "scores": scores}) + "\n")
 
+    def flush(self) -> None:
+        """Writes what is logged so far (before each checkpoint: a remote log is one object
+        rewritten whole, `molf_jax.paths.open_appending`; a local one is written line by
+        line)."""
+        for log in (self._metrics, self._routing, self._ranks):
+            if log is not None:
+                log.flush()
+
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
@@ -136,6 +144,7 @@ def cut_log(path: Path, last_step: int) -> int:
       2
     """
     refuse_link(path, "run directory entry")
+    path = as_path(path)
     if not path.is_file():
         return 0
     kept, dropped = [], 0
