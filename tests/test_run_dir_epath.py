@@ -2,8 +2,8 @@
 offline with etils.epath's own testing mock, which maps ``gs://`` onto a local folder here.
 
 What is covered: the run directory's checks, its lock, the logs and their cut on resume, the
-JSON files. Orbax's array writes go through tensorstore's own storage drivers, which the mock
-does not reach; a checkpoint in a real bucket is left to a run with one.
+JSON files, and exports. Orbax's array writes go through tensorstore's own storage drivers,
+which the mock does not reach; a checkpoint in a real bucket is left to a run with one.
 """
 
 import contextlib
@@ -15,9 +15,12 @@ import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
 
+from molf_jax.checkpoints.folders import EXPORT_MARKER
+from molf_jax.cli import main as cli_main
 from molf_jax.paths import PathError, is_remote, writable_folder, write_replacing
 from molf_jax.run_dir import RunDir, RunLock, RunLockedError, claimed
 from molf_jax.train.runlog import RunLog, cut_log
+from tiny_run import tiny_hf_folder
 
 
 @contextlib.contextmanager
@@ -36,7 +39,10 @@ def gs_in(folder):
         return fn(local(src), local(dst), *args, **kwargs)
 
     def glob(fn, pattern):
-        return [prefix + os.path.relpath(p, folder) for p in fn(local(pattern))]
+        found = fn(local(pattern))
+        if not os.fspath(pattern).startswith(prefix):
+            return found
+        return [prefix + os.path.relpath(p, folder) for p in found]
 
     with epath_testing.mock_epath(
             open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
@@ -103,3 +109,33 @@ def test_a_fresh_run_refuses_a_bucket_folder_of_other_files(bucket):
         with claimed(run_dir, "train", fresh=True):
             pass
     assert sorted(os.listdir(bucket / "runs" / "theirs")) == ["data.csv"]
+
+
+@pytest.fixture
+def lora_run(tmp_path):
+    """A finished one-step lora run (local: orbax's arrays cannot go through the mock)."""
+    model = tiny_hf_folder(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", "--model", str(model), "--mode", "lora", "--lora-ranks", "4",
+                     "--task-size", "8", "--batch-size", "4", "--max-length", "96", "--steps",
+                     "1", "--mesh", "fsdp=1", "--no-eval", "--no-export", "--out-dir",
+                     str(run_dir)]) == 0
+    return run_dir
+
+
+def test_an_export_into_the_bucket(lora_run, bucket, capsys):
+    run_dir = lora_run
+    (bucket / "models" / "taken").mkdir(parents=True)
+    (bucket / "models" / "taken" / "weights.bin").write_text("theirs")
+    status = cli_main(["export", str(run_dir), "--merged", "gs://models/taken"])
+    assert status == 2 and "holds files molf_jax did not write (weights.bin)" in \
+        capsys.readouterr().err
+    assert cli_main(["export", str(run_dir), "--merged", "gs://models/merged", "--adapter",
+                     "gs://models/adapter"]) == 0
+    merged, adapter = bucket / "models" / "merged", bucket / "models" / "adapter"
+    assert {"config.json", "model.safetensors", EXPORT_MARKER} <= set(os.listdir(merged))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapter))
+    from molf_jax.checkpoints import load_hf
+
+    config, params = load_hf(merged)
+    assert config.num_layers == 2

@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     FileNotFoundError / ValueError, which the ``molf-jax`` entry point prints as one message.
     """
     from molf_jax.checkpoints.folders import check_destination
+    from molf_jax.paths import is_remote
     from molf_jax.run_dir import RunDir, claimed
     from molf_jax.train import export_artifacts, load_run
 
@@ -70,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{run_dir.config}: not valid JSON ({err})") from None
         base = raw.get("model") if isinstance(raw, dict) else None
         for flag, folder in (("--merged", args.merged), ("--adapter", args.adapter)):
-            if folder is not None:
+            if folder is not None and not is_remote(folder):  # gs://...: checked on export
                 check_destination(folder, overwrite=args.overwrite, protected=(base,),
                                   flag=flag)
         written, note = export_artifacts(load_run(run_dir, score=args.score), run_dir,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +18,11 @@ import jax.numpy as jnp
 from molf_jax.adalora import (AdaLoraSpec, adalora_triplets, apply_rank_pattern,
                               merge_adalora, rank_pattern)
 from molf_jax.checkpoints import save_hf
-from molf_jax.checkpoints.folders import check_destination
+from molf_jax.checkpoints.folders import EXPORT_MARKER, FolderError, check_destination
 from molf_jax.checkpoints.peft import save_peft_adapter
 from molf_jax.checkpoints.peft_adalora import save_peft_adalora_adapter
 from molf_jax.lora import LoraSpec, lora_paths, merge_lora
+from molf_jax.paths import as_path, is_remote
 from molf_jax.run_dir import RunDir
 from molf_jax.param_roles import LORA, split_trainable
 from molf_jax.train.checkpoint import RunCheckpointer
@@ -101,13 +105,13 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
     if refusal and adapter_dir is not None:
         raise ValueError(f"cannot write a PEFT adapter for {run_dir}: {refusal}")
 
-    merged_dir = Path(merged_dir) if merged_dir is not None else run_dir.merged
-    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir.adapter
+    merged_dir = as_path(merged_dir) if merged_dir is not None else run_dir.merged
+    adapter_dir = as_path(adapter_dir) if adapter_dir is not None else run_dir.adapter
     # Both destinations are checked before either is written.
     safety = dict(overwrite=overwrite, protected=(run.source_dir,))
-    check_destination(merged_dir, flag="--merged", **safety)
+    _check_destination(merged_dir, "--merged", safety)
     if refusal is None:
-        check_destination(adapter_dir, flag="--adapter", **safety)
+        _check_destination(adapter_dir, "--adapter", safety)
     params = jax.device_get(run.params)
     size = sum(x.size * (storage if storage is not None else x.dtype).itemsize
                for x, role in zip(jax.tree.leaves(params), jax.tree.leaves(run.roles))
@@ -115,22 +119,63 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
     # A large model takes minutes to merge and write: say so before, not only after.
     print(f"export: writing the merged HF folder {merged_dir} (about {size / 2**30:.1f} GiB)",
           file=sys.stderr, flush=True)
-    written = {"merged": save_hf(
-        merged_dir, params, run.model_config, lora=run.lora, source_dir=run.source_dir,
-        tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage,
-        **safety)}
+    written = {}
+    with _written_to(merged_dir) as folder:
+        save_hf(folder, params, run.model_config, lora=run.lora, source_dir=run.source_dir,
+                tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage,
+                **safety)
+    written["merged"] = merged_dir
     base = str(run.source_dir) if run.source_dir is not None else str(run.config.model)
-    if refusal is None and isinstance(run.lora, AdaLoraSpec):
-        written["adapter"] = save_peft_adalora_adapter(
-            adapter_dir, params, run.model_config, run.lora,
-            check_adalora_schedule(run.config, run.total_steps), run.rank_pattern,
-            base_model_name_or_path=base, orth_reg_weight=run.config.orth_reg_weight,
-            dtype=storage, **safety)
-    elif refusal is None:
-        written["adapter"] = save_peft_adapter(
-            adapter_dir, params, run.model_config, run.lora, base_model_name_or_path=base,
-            dtype=storage, **safety)
+    if refusal is not None:
+        return written, refusal
+    with _written_to(adapter_dir) as folder:
+        if isinstance(run.lora, AdaLoraSpec):
+            save_peft_adalora_adapter(
+                folder, params, run.model_config, run.lora,
+                check_adalora_schedule(run.config, run.total_steps), run.rank_pattern,
+                base_model_name_or_path=base, orth_reg_weight=run.config.orth_reg_weight,
+                dtype=storage, **safety)
+        else:
+            save_peft_adapter(folder, params, run.model_config, run.lora,
+                              base_model_name_or_path=base, dtype=storage, **safety)
+    written["adapter"] = adapter_dir
     return written, refusal
+
+
+def _check_destination(folder, flag: str, safety: dict) -> None:
+    """`check_destination`, for object storage too (same rules: never over a run or a folder
+    of files molf_jax did not write, unless ``overwrite``)."""
+    if not is_remote(folder):
+        check_destination(folder, flag=flag, **safety)
+        return
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if RunDir(folder).config.name in names:
+        raise FolderError(f"{flag} {folder}: that is a training run's directory; writing there "
+                          "would break it (even with --overwrite); choose another folder")
+    if names and EXPORT_MARKER not in names and not safety["overwrite"]:
+        raise FolderError(f"{flag} {folder}: holds files molf_jax did not write "
+                          f"({', '.join(names[:4])}); choose another folder, or pass "
+                          "--overwrite to replace it")
+
+
+@contextlib.contextmanager
+def _written_to(folder) -> Iterator[Path]:
+    """Yields the local folder an exporter writes. For object storage (whose files safetensors
+    cannot write) that is a local staging folder, copied to ``folder`` once complete, after the
+    folder's old files are removed."""
+    if not is_remote(folder):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix=".molf_jax-export-") as staging:
+        local = Path(staging) / folder.name
+        yield local
+        if folder.exists():
+            folder.rmtree()
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            target = folder / file.relative_to(local).as_posix()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(file, "rb") as source, target.open("wb") as copy:
+                shutil.copyfileobj(source, copy, 64 * 2**20)
 
 
 def adapter_refusal(run: Any) -> str | None:
