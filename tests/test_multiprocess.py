@@ -108,7 +108,7 @@ def test_two_process_checkpoint_resumes_on_four_devices_of_one_process(tiny_dir,
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_run, run_dir)
     config = tiny_config(tiny_dir, run_dir, mode="molf", batch_size=8, steps=STEPS + 2,
-                         mesh=MESH_4, resume=True, **RATES)
+                         mesh=MESH_4, resume=True, reschedule=True, **RATES)
 
     # Right after the restore, on the new layout: the saved values, bit for bit.
     mesh = make_mesh(MESH_4)

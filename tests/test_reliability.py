@@ -142,7 +142,7 @@ def test_a_fresh_run_never_appends_to_an_earlier_runs_logs(runs, capsys, tmp_pat
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     status = cli_main(["train", *common_args(runs["model"]), "--out-dir", str(run_dir)])
     err = capsys.readouterr().err
-    assert status == 2 and "holds the logs of an earlier run" in err and "--resume" in err
+    assert status == 2 and "holds an earlier run (metrics.jsonl)" in err and "--resume" in err
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
 
 

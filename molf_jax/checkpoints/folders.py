@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from molf_jax.paths import PathError
+from molf_jax.paths import PathError, owned_temp_dir, remove_abandoned_temp_dirs
 
 __all__ = ["EXPORT_MARKER", "FolderError", "check_destination", "written_whole"]
 
@@ -54,6 +54,10 @@ def check_destination(out_dir: str | os.PathLike, *, overwrite: bool = False,
       PosixPath('runs/molf/merged')
     """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise FolderError(f"{flag} {out_dir}: is a symbolic link (to {os.readlink(out_dir)}); "
+                          "an export is written in place, never through a link: remove the "
+                          "link or choose another folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise FolderError(f"{flag} {out_dir}: exists and is not a folder")
     for folder in protected:
@@ -94,7 +98,9 @@ def written_whole(out_dir: str | os.PathLike, *, overwrite: bool = False,
     parent = out_dir.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        # What an export killed half way left (its process is gone) goes first.
+        remove_abandoned_temp_dirs(parent, out_dir.name)
+        temp = owned_temp_dir(parent, out_dir.name)
     except OSError as err:
         raise FolderError(f"{flag} {out_dir}: cannot write in {parent} "
                           f"({err.strerror or err})") from err

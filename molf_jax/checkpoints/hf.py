@@ -67,6 +67,12 @@ class _TensorSource:
                 raise ValueError(f"{index_path}: no 'weight_map' in the index")
             self.files = dict(weight_map)
             for name, file in sorted(self.files.items()):
+                # Shards live in the folder itself (a hub cache's links to its blobs are fine,
+                # a name that climbs out of the folder is not).
+                if not isinstance(file, str) or not file or Path(file).is_absolute() or \
+                        ".." in Path(file).parts:
+                    raise ValueError(f"{index_path}: tensor {name} is mapped to {file!r}; a "
+                                     "shard must be a file inside the folder")
                 if not (hf_dir / file).is_file():
                     raise FileNotFoundError(f"{hf_dir / file}: shard missing (listed in "
                                             f"{INDEX_FILE} for tensor {name})")
@@ -240,6 +246,37 @@ def _unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
+_TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_tokenizer_files(hf_dir: str | os.PathLike) -> None:
+    """Raises ValueError naming the file when a folder's tokenizer cannot load as it is: no
+    vocabulary file at all, or a JSON file that is not a JSON object (transformers says
+    neither which file nor what is wrong).
+
+    Example:
+      >>> check_tokenizer_files("runs/molf/merged")            # doctest: +SKIP
+    """
+    folder = Path(hf_dir)
+    if not any((folder / name).is_file() for name in _TOKENIZER_VOCABS):
+        raise ValueError(f"{folder}: no tokenizer ({', '.join(_TOKENIZER_VOCABS)}); copy the "
+                         "base model's tokenizer files into the folder")
+    for name in _TOKENIZER_JSON:
+        if (folder / name).is_file():
+            _json_object(folder / name)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return content
+
+
 def check_tokenizer_vocab(hf_dir: str | os.PathLike, vocab_size: int) -> None:
     """Raises if the folder's tokenizer can produce ids outside the model's embedding table.
 
@@ -256,6 +293,7 @@ def check_tokenizer_vocab(hf_dir: str | os.PathLike, vocab_size: int) -> None:
         return
     from tokenizers import Tokenizer
 
+    _json_object(path)  # tokenizers' own error names neither the file nor the fault
     tokenizer = Tokenizer.from_file(str(path))
     base_ids = list(tokenizer.get_vocab(with_added_tokens=False).values())
     added = tokenizer.get_added_tokens_decoder()

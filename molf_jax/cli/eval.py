@@ -102,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from molf_jax.checkpoints import load_hf
+    from molf_jax.checkpoints.hf import check_tokenizer_files
     from molf_jax.data import load_task
     from molf_jax.eval import evaluate_task, paper_comparison, report_metrics
     from molf_jax.models import build_model
@@ -119,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
     _say(f"eval: {len(records)} {args.task} cases ({args.split} split of {args.source}"
          f"{f', {args.size} generated, seed {args.seed}' if args.source == 'offline' else ''})"
          f" on {args.model}")
+    check_tokenizer_files(args.model)
     config, params = load_hf(args.model)
     model = build_model(config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

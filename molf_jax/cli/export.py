@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from molf_jax.train.export import EXPORT_DTYPES
 
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "asking for it on a run that trained the base is an error)")
     p.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
                    help="storage dtype (default: the run's parameter dtype)")
+    p.add_argument("--score", default=None, metavar="MODULE:NAME",
+                   help="the custom routing score the run was trained with (a run directory "
+                        "names code, molf_jax does not import it from there)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a --merged / --adapter folder that holds files molf_jax did "
                         "not write (never the run's base model or the embedded model's cache)")
@@ -54,20 +58,31 @@ def main(args: argparse.Namespace) -> int:
     FileNotFoundError / ValueError, which the ``molf-jax`` entry point prints as one message.
     """
     from molf_jax.checkpoints.folders import check_destination
-    from molf_jax.run_dir import RunDir
+    from molf_jax.paths import is_remote
+    from molf_jax.run_dir import RunDir, claimed
     from molf_jax.train import export_artifacts, load_run
 
     run_dir = RunDir(args.run_dir).require()
-    # Refused before the run is loaded (a minute for a large model), not after.
-    base = json.loads(run_dir.config.read_text()).get("model")
-    for flag, folder in (("--merged", args.merged), ("--adapter", args.adapter)):
-        if folder is not None:
-            check_destination(folder, overwrite=args.overwrite, protected=(base,), flag=flag)
-    written, note = export_artifacts(load_run(run_dir), run_dir, merged_dir=args.merged,
-                                     adapter_dir=args.adapter, dtype=args.dtype,
-                                     overwrite=args.overwrite)
+    with claimed(run_dir, "export", fresh=False, say=_say):
+        # Refused before the run is loaded (a minute for a large model), not after.
+        try:
+            raw = json.loads(run_dir.config.read_text())
+        except ValueError as err:
+            raise ValueError(f"{run_dir.config}: not valid JSON ({err})") from None
+        base = raw.get("model") if isinstance(raw, dict) else None
+        for flag, folder in (("--merged", args.merged), ("--adapter", args.adapter)):
+            if folder is not None and not is_remote(folder):  # gs://...: checked on export
+                check_destination(folder, overwrite=args.overwrite, protected=(base,),
+                                  flag=flag)
+        written, note = export_artifacts(load_run(run_dir, score=args.score), run_dir,
+                                         merged_dir=args.merged, adapter_dir=args.adapter,
+                                         dtype=args.dtype, overwrite=args.overwrite)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     if note:
         print(f"no adapter: {note}")
     return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -105,11 +105,15 @@ def _clean_sql(rows, where, drops, *, protocol: str = "molf_jax", **_):
 
 def _clean_med(rows, where, drops, *, cop_base: int = 0, **_):
     kept, out_of_range = [], []
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         cop = row["cop"]
         if cop is None or cop == -1:
             drops.add("unlabelled: cop is missing or -1")
             continue
+        if isinstance(cop, bool) or not isinstance(cop, (int, str)) or \
+                isinstance(cop, str) and not cop.strip().lstrip("-").isdigit():
+            raise ValueError(f"{where}: row {number}: field cop must be an option index "
+                             f"({cop_base}..{cop_base + 3}), got {cop!r:.40}")
         text_columns = ("question", *OPTION_COLUMNS)
         blank = [c for c in text_columns if _blank(row[c])]
         if blank:
@@ -142,6 +146,8 @@ def _prompt_text(item: Any) -> str:
 def _clean_fact(rows, where, drops, **_):
     for number, row in enumerate(rows, start=1):
         _check_rewrite(row["requested_rewrite"], f"{where}: row {number}")
+        for key in ("paraphrase_prompts", "neighborhood_prompts"):
+            _check_prompt_list(row.get(key), f"{where}: row {number}: field {key}")
     kept = []
     for row in rows:
         rw = row["requested_rewrite"]
@@ -175,9 +181,28 @@ def _check_rewrite(rewrite: Any, where: str) -> None:
     for key in ("target_new", "target_true"):
         if not isinstance(rewrite[key], dict) or rewrite[key].get("str") is None:
             raise ValueError(f"{where}: missing field requested_rewrite.{key}.str")
+    for key, value in (("prompt", rewrite["prompt"]), ("subject", rewrite["subject"]),
+                       ("target_new.str", rewrite["target_new"]["str"]),
+                       ("target_true.str", rewrite["target_true"]["str"])):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field requested_rewrite.{key} must be text, got "
+                             f"{value!r:.40}")
     if "{}" not in rewrite["prompt"]:
         raise ValueError(f"{where}: requested_rewrite.prompt {rewrite['prompt']!r} has no '{{}}' "
                          "where the subject goes")
+
+
+def _check_prompt_list(prompts: Any, where: str) -> None:
+    """A list of prompts (text, or ``{"prompt": text}`` as in MEMIT's files), or nothing. A
+    single string would otherwise be read as a list of one-character prompts."""
+    if prompts is None:
+        return
+    if not isinstance(prompts, list):
+        raise ValueError(f"{where} must be a list of prompts, got {prompts!r:.40}")
+    for item in prompts:
+        text = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: every prompt must be text, got {item!r:.40}")
 
 
 _CLEANERS: dict[str, Callable[..., list[dict[str, Any]]]] = {

@@ -87,7 +87,11 @@ def load_config(hf_dir_or_dict: str | os.PathLike | dict) -> DecoderConfig:
         if not os.path.isfile(where):
             raise FileNotFoundError(f"{where}: no config.json found")
         with open(where, encoding="utf-8") as f:
-            hf = json.load(f)
+            try:
+                hf = json.load(f)
+            except ValueError as err:
+                raise ValueError(f"{where}: not valid JSON ({err})") from None
+    _check_numbers(hf, where)
     architectures = hf.get("architectures") or []
     model_type = hf.get("model_type")
     for family in FAMILIES:
@@ -123,6 +127,25 @@ def preset_names() -> list[str]:
       ['tiny-gemma3', 'tiny-qwen2']
     """
     return sorted(TINY_PRESETS) + sorted(n for f in FAMILIES for n in f.config_cls.presets)
+
+
+# HF config fields read as numbers: a string there ("32") fails deep inside model building.
+_INTEGER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+                   "max_position_embeddings", "bos_token_id", "pad_token_id")
+_REAL_FIELDS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+                "final_logit_softcapping")
+
+
+def _check_numbers(hf: Any, where: str) -> None:
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: not a model configuration (a JSON object)")
+    for key in (*_INTEGER_FIELDS, *_REAL_FIELDS):
+        value = hf.get(key)
+        kinds = int if key in _INTEGER_FIELDS else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            kind = "an integer" if key in _INTEGER_FIELDS else "a number"
+            raise ValueError(f"{where}: field {key} must be {kind}, got {value!r}")
 
 
 def preset(name: str, **overrides) -> DecoderConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from molf_jax.data import PROTOCOL_SETTINGS, PROTOCOLS, TASKS, resolve_protocol
@@ -60,6 +61,11 @@ DEFAULT_TOP_K = {"fft": 1, "lora": 1, "molf": 1, "molfe": 2, "molf_gate": 1, "ad
 # a CPU (`--grad-accum 4` gives theirs; scripts/reproduce.py does).
 
 
+# The step counter is an int32 on the devices; epochs are bounded so that their step count is.
+MAX_STEPS = 2**31 - 1
+MAX_EPOCHS = 1e6
+
+
 class ConfigError(ValueError):
     """A training configuration that cannot run; the message says which setting and why."""
 
@@ -101,6 +107,10 @@ class TrainConfig:
     seed: int = option(0, "seed of parameters, data order and dropout")
     out_dir: str = option("runs/molf", "the run directory")
     resume: bool = option(False, "continue the run in --out-dir")
+    reschedule: bool = option(False, "with --resume: accept another step count (--steps, "
+                              "--epochs) than the run was started for; the learning-rate "
+                              "schedule is rebuilt for it, so the rate changes at the resumed "
+                              "step")
 
     lora_ranks: tuple[int, ...] | None = option(
         None, "ranks of the LoRA experts", group="LoRA experts",
@@ -255,6 +265,12 @@ def _check(c: TrainConfig) -> None:
         need(allowed is None or value in allowed or (value is None and field.default is None),
              f"unknown {field.name.replace('_', '-')} {value!r}; choose one of "
              f"{', '.join(allowed or ())}")
+        # inf or nan in any number (rates, decays, alphas, epochs) trains NaNs or never ends.
+        numbers = value if isinstance(value, tuple) else (value,)
+        need(all(not isinstance(v, float) or math.isfinite(v) for v in numbers),
+             f"--{field.name.replace('_', '-')} must be a finite number, got "
+             f"{' '.join(map(str, numbers))}")
+    need(bool(c.out_dir.strip()), "--out-dir is empty; name a folder (the run directory)")
     if c.score not in SCORES:
         try:
             resolve_score(c.score)
@@ -280,6 +296,8 @@ def _check(c: TrainConfig) -> None:
     elif c.lora_alpha is not None:
         need(len(c.lora_alpha) in (1, len(ranks)),
              f"give one LoRA alpha or one per rank ({len(ranks)}), got {list(c.lora_alpha)}")
+    need(c.lora_alpha is None or all(a > 0 for a in c.lora_alpha),
+         f"--lora-alpha must be > 0 (the experts' scale), got {list(c.lora_alpha or ())}")
     experts = len(ranks) + (1 if c.mode in FFT_EXPERT_MODES else 0)
     if c.mode in ROUTED_MODES:
         need(isinstance(c.routing_top_k, int) and 1 <= c.routing_top_k <= experts,
@@ -292,14 +310,20 @@ def _check(c: TrainConfig) -> None:
     need(0 <= c.lora_dropout < 1, f"lora-dropout must be in [0, 1), got {c.lora_dropout}")
     need(0 <= c.warmup_ratio < 1, f"warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
     need(c.batch_size >= 1 and c.grad_accum >= 1, "batch-size and grad-accum must be >= 1")
-    need(c.steps is None or c.steps >= 1, f"steps must be >= 1, got {c.steps}")
-    need(c.steps is not None or c.epochs > 0, f"epochs must be > 0, got {c.epochs}")
+    need(c.steps is None or 1 <= c.steps <= MAX_STEPS,
+         f"--steps must be between 1 and {MAX_STEPS}, got {c.steps}")
+    need(c.steps is not None or 0 < c.epochs <= MAX_EPOCHS,
+         f"--epochs must be > 0 and at most {MAX_EPOCHS:g}, got {c.epochs}")
     need(c.max_length is None or c.max_length >= 8,
          f"max-length must be at least 8, got {c.max_length}")
     need(c.protocol in (None, *PROTOCOLS),
          f"unknown protocol {c.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     need(c.task_size >= 1, f"task-size must be >= 1, got {c.task_size}")
     need(c.max_nonfinite >= 1, "max-nonfinite must be >= 1")
+    need(c.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got "
+                                  f"{c.keep_checkpoints} (export reads the run's last one)")
+    need(c.eval_limit >= 1, f"--eval-limit must be >= 1, got {c.eval_limit}")
+    need(not c.reschedule or c.resume, "--reschedule applies to --resume only")
     need(c.loss_chunk >= 1, "loss-chunk must be >= 1")
     need(c.save_every_minutes >= 0,
          f"save-every-minutes must be >= 0, got {c.save_every_minutes}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +18,16 @@ import jax.numpy as jnp
 from molf_jax.adalora import (AdaLoraSpec, adalora_triplets, apply_rank_pattern,
                               merge_adalora, rank_pattern)
 from molf_jax.checkpoints import save_hf
-from molf_jax.checkpoints.folders import check_destination
+from molf_jax.checkpoints.folders import EXPORT_MARKER, FolderError, check_destination
 from molf_jax.checkpoints.peft import save_peft_adapter
 from molf_jax.checkpoints.peft_adalora import save_peft_adalora_adapter
 from molf_jax.lora import LoraSpec, lora_paths, merge_lora
+from molf_jax.paths import as_path, is_remote
 from molf_jax.run_dir import RunDir
 from molf_jax.param_roles import LORA, split_trainable
 from molf_jax.train.checkpoint import RunCheckpointer
-from molf_jax.train.config import FFT_EXPERT_MODES, TrainConfig, check_adalora_schedule
+from molf_jax.train.config import (FFT_EXPERT_MODES, SCORES, TrainConfig,
+                                   check_adalora_schedule)
 from molf_jax.train.mesh import make_mesh
 from molf_jax.train.modes import build_optimizer
 from molf_jax.train.setup import assemble_run, model_identity
@@ -100,13 +105,13 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
     if refusal and adapter_dir is not None:
         raise ValueError(f"cannot write a PEFT adapter for {run_dir}: {refusal}")
 
-    merged_dir = Path(merged_dir) if merged_dir is not None else run_dir.merged
-    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir.adapter
+    merged_dir = as_path(merged_dir) if merged_dir is not None else run_dir.merged
+    adapter_dir = as_path(adapter_dir) if adapter_dir is not None else run_dir.adapter
     # Both destinations are checked before either is written.
     safety = dict(overwrite=overwrite, protected=(run.source_dir,))
-    check_destination(merged_dir, flag="--merged", **safety)
+    _check_destination(merged_dir, "--merged", safety)
     if refusal is None:
-        check_destination(adapter_dir, flag="--adapter", **safety)
+        _check_destination(adapter_dir, "--adapter", safety)
     params = jax.device_get(run.params)
     size = sum(x.size * (storage if storage is not None else x.dtype).itemsize
                for x, role in zip(jax.tree.leaves(params), jax.tree.leaves(run.roles))
@@ -114,22 +119,63 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
     # A large model takes minutes to merge and write: say so before, not only after.
     print(f"export: writing the merged HF folder {merged_dir} (about {size / 2**30:.1f} GiB)",
           file=sys.stderr, flush=True)
-    written = {"merged": save_hf(
-        merged_dir, params, run.model_config, lora=run.lora, source_dir=run.source_dir,
-        tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage,
-        **safety)}
+    written = {}
+    with _written_to(merged_dir) as folder:
+        save_hf(folder, params, run.model_config, lora=run.lora, source_dir=run.source_dir,
+                tokenizer=None if run.source_dir is not None else run.tokenizer, dtype=storage,
+                **safety)
+    written["merged"] = merged_dir
     base = str(run.source_dir) if run.source_dir is not None else str(run.config.model)
-    if refusal is None and isinstance(run.lora, AdaLoraSpec):
-        written["adapter"] = save_peft_adalora_adapter(
-            adapter_dir, params, run.model_config, run.lora,
-            check_adalora_schedule(run.config, run.total_steps), run.rank_pattern,
-            base_model_name_or_path=base, orth_reg_weight=run.config.orth_reg_weight,
-            dtype=storage, **safety)
-    elif refusal is None:
-        written["adapter"] = save_peft_adapter(
-            adapter_dir, params, run.model_config, run.lora, base_model_name_or_path=base,
-            dtype=storage, **safety)
+    if refusal is not None:
+        return written, refusal
+    with _written_to(adapter_dir) as folder:
+        if isinstance(run.lora, AdaLoraSpec):
+            save_peft_adalora_adapter(
+                folder, params, run.model_config, run.lora,
+                check_adalora_schedule(run.config, run.total_steps), run.rank_pattern,
+                base_model_name_or_path=base, orth_reg_weight=run.config.orth_reg_weight,
+                dtype=storage, **safety)
+        else:
+            save_peft_adapter(folder, params, run.model_config, run.lora,
+                              base_model_name_or_path=base, dtype=storage, **safety)
+    written["adapter"] = adapter_dir
     return written, refusal
+
+
+def _check_destination(folder, flag: str, safety: dict) -> None:
+    """`check_destination`, for object storage too (same rules: never over a run or a folder
+    of files molf_jax did not write, unless ``overwrite``)."""
+    if not is_remote(folder):
+        check_destination(folder, flag=flag, **safety)
+        return
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if RunDir(folder).config.name in names:
+        raise FolderError(f"{flag} {folder}: that is a training run's directory; writing there "
+                          "would break it (even with --overwrite); choose another folder")
+    if names and EXPORT_MARKER not in names and not safety["overwrite"]:
+        raise FolderError(f"{flag} {folder}: holds files molf_jax did not write "
+                          f"({', '.join(names[:4])}); choose another folder, or pass "
+                          "--overwrite to replace it")
+
+
+@contextlib.contextmanager
+def _written_to(folder) -> Iterator[Path]:
+    """Yields the local folder an exporter writes. For object storage (whose files safetensors
+    cannot write) that is a local staging folder, copied to ``folder`` once complete, after the
+    folder's old files are removed."""
+    if not is_remote(folder):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix=".molf_jax-export-") as staging:
+        local = Path(staging) / folder.name
+        yield local
+        if folder.exists():
+            folder.rmtree()
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            target = folder / file.relative_to(local).as_posix()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(file, "rb") as source, target.open("wb") as copy:
+                shutil.copyfileobj(source, copy, 64 * 2**20)
 
 
 def adapter_refusal(run: Any) -> str | None:
@@ -159,19 +205,27 @@ def adapter_refusal(run: Any) -> str | None:
     return None
 
 
-def load_run(run_dir) -> RunArtifacts:
+def load_run(run_dir, *, score: str | None = None) -> RunArtifacts:
     """Rebuilds a run's full parameters (base + trained leaves) from its latest checkpoint.
+
+    A run directory is data: the routing score it records is used only when it is one of
+    molf_jax's own. A run trained with a custom score (``package.module:name``) names code,
+    which is imported only when the caller passes it again as ``score``.
+
+    Args:
+      run_dir: a directory written by ``molf-jax train``.
+      score: the run's custom routing score (``--score`` of ``molf-jax export``).
+
+    Raises:
+      ValueError: ``run_config.json`` is not a run's configuration, or records a custom score
+        that ``score`` does not supply.
 
     Example:
       >>> run = load_run("runs/molf")                                 # doctest: +SKIP
       >>> run.params["layers"]["0"]["self_attn"]["q_proj"]["lora_1"]["a"].shape
     """
     run_dir = RunDir(run_dir).require()
-    raw = json.loads(run_dir.config.read_text())
-    for key in ("lora_ranks", "lora_alpha", "lora_targets"):
-        if raw.get(key) is not None:
-            raw[key] = tuple(raw[key])
-    config = TrainConfig(**raw).replace(mesh="data=1,fsdp=-1,tensor=1")
+    config = _recorded_config(run_dir, score).replace(mesh="data=1,fsdp=-1,tensor=1")
     run = assemble_run(config, make_mesh(config.mesh))
     trainable, frozen = split_trainable(run.params, run.roles)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
@@ -182,7 +236,8 @@ def load_run(run_dir) -> RunArtifacts:
         opt_state = jax.eval_shape(optimizer.init, trainable)
         opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
         trainable, opt_state, _ = checkpointer.restore(
-            trainable, opt_state, identity=model_identity(config, run.source, run.params))
+            trainable, opt_state, identity=model_identity(config, run.source, run.params),
+            say=lambda message: print(message, file=sys.stderr, flush=True))
     finally:
         checkpointer.close()
     params = join_trees(trainable, frozen)
@@ -193,3 +248,32 @@ def load_run(run_dir) -> RunArtifacts:
                         lora=run.lora, roles=run.roles, mode=config.mode,
                         source_dir=run.source.hf_dir, tokenizer=run.tokenizer,
                         total_steps=total_steps, rank_pattern=pattern)
+
+
+def _recorded_config(run_dir: RunDir, score: str | None) -> TrainConfig:
+    """The run's `TrainConfig` from ``run_config.json``, every fault named with the file."""
+    where = run_dir.config
+    try:
+        raw = json.loads(where.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: not a run configuration (a JSON object)")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    recorded = raw.get("score", "epd")
+    if recorded not in SCORES and score is None:
+        raise ValueError(f"{where}: the run was trained with the custom routing score "
+                         f"{recorded!r}; molf_jax imports no code a run directory names: pass "
+                         f"--score {recorded} (score={recorded!r}) to load it with that code")
+    if score is not None:
+        raw["score"] = score
+    for key in ("lora_ranks", "lora_alpha", "lora_targets"):
+        if isinstance(raw.get(key), list):
+            raw[key] = tuple(raw[key])
+    try:
+        return TrainConfig(**raw)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from None

@@ -24,11 +24,11 @@ from molf_jax.adalora import (apply_rank_pattern, find_allocator_state, rank_mod
 from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fixed_lengths,
                            load_task, pad_token_id)
 from molf_jax.lora import expert_key
-from molf_jax.paths import writable_folder
-from molf_jax.run_dir import RunDir
+from molf_jax.paths import writable_folder, write_replacing
+from molf_jax.run_dir import RunDir, claimed
 from molf_jax.param_roles import expert_labels, split_trainable
 from molf_jax.routing import routing_table
-from molf_jax.train.checkpoint import RunCheckpointer
+from molf_jax.train.checkpoint import RunCheckpointer, check_step_count
 from molf_jax.train.config import ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import (batch_divisor, batch_sharding, initialize_distributed,
                                  make_mesh, on_mesh)
@@ -131,6 +131,12 @@ def train(config: TrainConfig) -> RunSummary:
     """
     initialize_distributed()
     run_dir = RunDir(writable_folder(config.out_dir, "--out-dir"))  # a bad path fails first
+    with claimed(run_dir, "train", fresh=not config.resume, lock=jax.process_index() == 0,
+                 say=_say):
+        return _train(config, run_dir)
+
+
+def _train(config: TrainConfig, run_dir: RunDir) -> RunSummary:
     # Every process runs the same steps and saves its shards of each checkpoint; the first one
     # alone writes the run's other files.
     primary = jax.process_index() == 0
@@ -179,10 +185,9 @@ def train(config: TrainConfig) -> RunSummary:
         iterator.restore(meta["data"])
         start_step, before = int(meta["step"]), _RunTotals.from_meta(meta)
         _say(f"resuming {run_dir} at step {start_step}")
-    else:
-        _refuse_used_run_dir(run_dir, checkpointer)
+        check_step_count(meta, total_steps, reschedule=config.reschedule, say=_say)
     if primary:
-        run_dir.config.write_text(json.dumps(config.to_dict(), indent=1))
+        write_replacing(run_dir.config, json.dumps(config.to_dict(), indent=1))
 
     routed = config.mode in ROUTED_MODES
     log = RunLog(run_dir, tensorboard=config.tensorboard,
@@ -220,9 +225,11 @@ def train(config: TrainConfig) -> RunSummary:
         # log a resume cuts back to).
         readback.drain(keep=0)
         readback.flush_interval()
+        log.flush()
         train_now, _ = split_trainable(params, roles)
         checkpointer.save(step, train_now, opt_state, {
-            "step": step, "data": iterator.state(), "seed": config.seed, "identity": identity,
+            "step": step, "total_steps": total_steps, "data": iterator.state(),
+            "seed": config.seed, "identity": identity,
             **readback.totals(time.time() - started, eval_before)._asdict()})
         last_save = time.time()
         readback.restart_clock()
@@ -273,7 +280,7 @@ def train(config: TrainConfig) -> RunSummary:
         summary.merged_dir = str(written["merged"])
         summary.adapter_dir = str(written["adapter"]) if "adapter" in written else None
     if primary:
-        run_dir.summary.write_text(json.dumps(dataclasses.asdict(summary), indent=1))
+        write_replacing(run_dir.summary, json.dumps(dataclasses.asdict(summary), indent=1))
     _print_summary(summary)
     return summary
 
@@ -389,19 +396,6 @@ def _save_due(config: TrainConfig, step: int, last_save: float) -> bool:
 
             due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
     return due
-
-
-def _refuse_used_run_dir(run_dir: RunDir, checkpointer: RunCheckpointer) -> None:
-    """A fresh run never appends to another run's logs."""
-    if checkpointer.latest_step() is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue "
-                          "that run or choose another --out-dir")
-    used = [path.name for path in (*run_dir.step_logs, run_dir.summary)
-            if path.is_file() and path.stat().st_size]
-    if used:
-        raise ConfigError(f"{run_dir} holds the logs of an earlier run ({', '.join(used)}) but "
-                          "no finished checkpoint; pass --resume to start that run again from "
-                          "step 0, or choose another --out-dir")
 
 
 def _interval_row(step: int, interval: list[dict], schedules, skipped_total: int) -> dict:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from molf_jax.paths import as_path, open_appending, refuse_link, write_replacing
 from molf_jax.run_dir import RunDir
 
 __all__ = ["RunLog", "cut_log"]
@@ -64,7 +65,7 @@ class RunLog:
         if resume_step is not None:
             for path in self.run_dir.step_logs:
                 cut_log(path, resume_step)
-        self._metrics = open(self.run_dir.metrics, "a", buffering=1)
+        self._metrics = open_appending(self.run_dir.metrics)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -77,17 +78,17 @@ class RunLog:
     def write_routing_table(self, module_names, expert_labels, valid: np.ndarray) -> None:
         if not self._write:
             return
-        with open(self.run_dir.routing_table, "w") as f:
-            json.dump({"modules": list(module_names), "experts": list(expert_labels),
-                       "valid": np.asarray(valid).astype(bool).tolist()}, f)
-        self._routing = open(self.run_dir.routing, "a", buffering=1)
+        write_replacing(self.run_dir.routing_table, json.dumps({
+            "modules": list(module_names), "experts": list(expert_labels),
+            "valid": np.asarray(valid).astype(bool).tolist()}))
+        self._routing = open_appending(self.run_dir.routing)
 
     def write_rank_modules(self, module_names, init_r: int) -> None:
         if not self._write:
             return
-        with open(self.run_dir.rank_table, "w") as f:
-            json.dump({"modules": list(module_names), "init_r": int(init_r)}, f)
-        self._ranks = open(self.run_dir.ranks, "a", buffering=1)
+        write_replacing(self.run_dir.rank_table,
+                        json.dumps({"modules": list(module_names), "init_r": int(init_r)}))
+        self._ranks = open_appending(self.run_dir.ranks)
 
     def ranks(self, step: int, ranks: np.ndarray, budget: int) -> None:
         if self._ranks is None:
@@ -112,6 +113,14 @@ class RunLog:
                                         "winners": np.asarray(winners).astype(int).tolist(),
                                         "scores": scores}) + "\n")
 
+    def flush(self) -> None:
+        """Writes what is logged so far (before each checkpoint: a remote log is one object
+        rewritten whole, `molf_jax.paths.open_appending`; a local one is written line by
+        line)."""
+        for log in (self._metrics, self._routing, self._ranks):
+            if log is not None:
+                log.flush()
+
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
@@ -127,12 +136,15 @@ def cut_log(path: Path, last_step: int) -> int:
     """Keeps the rows of ``path`` whose step is at most ``last_step``; returns how many went.
 
     A line torn by a kill mid-write (not valid JSON) goes too. The file is rewritten beside
-    itself and renamed over, so a kill during the cut leaves the old or the new file, whole.
+    itself (under a fresh name, never one planted before) and renamed over, so a kill during
+    the cut leaves the old or the new file, whole.
 
     Example:
       >>> cut_log(Path("runs/x/metrics.jsonl"), 6)   # rows of steps 7, 8 dropped  # doctest: +SKIP
       2
     """
+    refuse_link(path, "run directory entry")
+    path = as_path(path)
     if not path.is_file():
         return 0
     kept, dropped = [], 0
@@ -147,9 +159,7 @@ def cut_log(path: Path, last_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        temp = path.with_name(path.name + ".tmp")
-        temp.write_text("".join(kept), encoding="utf-8")
-        os.replace(temp, path)
+        write_replacing(path, "".join(kept))
     return dropped
 
 

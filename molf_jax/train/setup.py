@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from molf_jax import models
 from molf_jax.adalora import AdaLoraSpec, add_adalora
 from molf_jax.checkpoints import load_hf
+from molf_jax.checkpoints.hf import check_tokenizer_files
 from molf_jax.lora import LoraSpec, add_lora_experts, lora_paths
 from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
 from molf_jax.train.mesh import param_sharding
@@ -80,6 +81,7 @@ def load_tokenizer(source: ModelSource):
         return byte_level_tokenizer()
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(source.hf_dir)
     return AutoTokenizer.from_pretrained(str(source.hf_dir))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from molf_jax.paths import writable_folder
+from molf_jax.paths import refuse_link, writable_folder
 
 # Reading a run directory's logs.
 from molf_jax.run_dir import RunDir
@@ -68,6 +68,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     """
     record = read_run(run_dir)
     out = Path(out_dir) if out_dir is not None else RunDir(record.run_dir).plots
+    if out_dir is None:  # a folder the user names may be a link; the run's own may not
+        refuse_link(out, "run directory entry")
     figures = []
     if record.routing is not None:
         figures += [(FILES["fraction"], fraction_figure(record)),
@@ -76,5 +78,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     if ranks is not None:
         figures.append((FILES["ranks"], rank_figure(ranks, record.describe())))
     figures.append((FILES["loss"], loss_figure(record)))
+    for name, _ in figures:  # checked before any is drawn over
+        refuse_link(out / name, "--out file")
     writable_folder(out, "--out")
     return [save_figure(fig, out / name) for name, fig in figures]
