@@ -49,7 +49,8 @@ def test_encoded_training_text_is_prompt_then_target_of_each_task():
         example = render_example(task, record)
         (enc,), stats = encode_records(task, [record], TOK)
         target = enc.input_ids[enc.loss_mask == 1].tolist()
-        expected = _bytes(example.target) + ([EOS] if task == "sql" else [])
+        # SQL and the offline Med (the option's text) end with EOS; a fact target does not.
+        expected = _bytes(example.target) + ([EOS] if task in ("sql", "med") else [])
         assert target == expected
         assert TOK.decode(enc.input_ids[1:][enc.loss_mask[1:] == 0]) == example.prompt
         assert stats.kept == 1
