@@ -26,6 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from molf_jax.projections import PROJECTIONS
+from molf_jax.routing import expert_index, expert_key
+
 __all__ = [
     "LoraExpert",
     "LoraSpec",
@@ -41,23 +44,6 @@ __all__ = [
 
 # Never adapted, whatever the targets say: the output head and the embedding table.
 _NEVER_TARGETED = ("lm_head", "embed_tokens")
-_LORA_KEY = re.compile(r"^lora_(\d+)$")
-
-
-def expert_key(index: int) -> str:
-    """The key of LoRA expert ``index`` (from 1) beside a kernel: ``expert_key(2) == "lora_2"``."""
-    return f"lora_{index}"
-
-
-def expert_index(key: Any) -> int | None:
-    """The expert number of a ``lora_<i>`` key, or None for any other key.
-
-    Example:
-      >>> expert_index("lora_2"), expert_index("kernel")
-      (2, None)
-    """
-    match = _LORA_KEY.match(str(key))
-    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,15 +183,12 @@ class LoraSpec:
 
 def default_targets() -> tuple[str, ...]:
     """The LoRA targets by default: every projection of the decoder block
-    (``molf_jax.models.PROJECTIONS``, the model's own names for them).
+    (``molf_jax.projections.PROJECTIONS``, the models' own names for them).
 
     Example:
       >>> default_targets()[:2]
       ('q_proj', 'k_proj')
     """
-    # Imported here: the models build on this module.
-    from molf_jax.models.layers import PROJECTIONS
-
     return PROJECTIONS
 
 

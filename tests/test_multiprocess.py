@@ -17,7 +17,7 @@ from molf_jax.train.mesh import make_mesh, on_mesh
 from molf_jax.param_roles import split_trainable
 from molf_jax.train.modes import build_optimizer, mode_roles
 from molf_jax.train.setup import build_params, resolve_model
-from molf_jax.train.trees import tree_paths
+from molf_jax.trees import tree_paths
 from tiny_run import final_params, tiny_config, tiny_hf_folder
 
 STEPS = 3

@@ -10,7 +10,7 @@ from molf_jax.lora import LoraExpert, LoraSpec, add_lora_experts, lora_paths
 from molf_jax.param_roles import expert_labels, optimizer_groups, split_trainable
 from molf_jax.routing import ExpertLabel
 from molf_jax.train import TrainConfig, mode_roles
-from molf_jax.train.trees import tree_paths
+from molf_jax.trees import tree_paths
 
 
 def tiny_base(scan=False):

@@ -18,7 +18,7 @@ from molf_jax.param_roles import split_trainable
 from molf_jax.train.modes import build_optimizer, mode_roles
 from molf_jax.train.setup import build_params, resolve_model, training_model
 from molf_jax.train.step import jit_train_step, make_train_step
-from molf_jax.train.trees import tree_paths
+from molf_jax.trees import tree_paths
 from tiny_run import final_params, tiny_config, tiny_hf_folder
 
 # The tiny Qwen2 of tiny_run: D=32, F=64, L=2 layers, N=4 heads, K=2 kv heads, H=8 head dim.

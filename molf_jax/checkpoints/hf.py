@@ -31,7 +31,7 @@ from molf_jax.adalora import AdaLoraSpec, adalora_triplets, merge_adalora
 from molf_jax.checkpoints.folders import check_destination, written_whole
 from molf_jax.lora import LoraSpec, lora_paths, merge_lora
 from molf_jax.models import DecoderConfig, abstract_params, build_model, family_of, load_config
-from molf_jax.routing import path_to_str
+from molf_jax.trees import path_to_str
 
 __all__ = ["check_tokenizer_vocab", "load_hf", "load_hf_params", "save_hf"]
 

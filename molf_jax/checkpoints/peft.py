@@ -34,7 +34,7 @@ from molf_jax.checkpoints.hf import _host, _is_scanned
 from molf_jax.checkpoints.folders import check_destination, written_whole
 from molf_jax.lora import LoraSpec, expert_index, expert_key, lora_paths, strip_lora
 from molf_jax.models import DecoderConfig, family_of
-from molf_jax.routing import path_to_str
+from molf_jax.trees import path_to_str
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "check_base_unchanged", "save_peft_adapter"]
 

@@ -18,6 +18,7 @@ import numpy as np
 from molf_jax.adalora import ADALORA_KEY, AdaLoraSpec
 from molf_jax.lora import LoraSpec, expert_key, lora_a_init
 from molf_jax.models.merged_lora import merged_lora_linear
+from molf_jax.projections import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, PROJECTIONS
 
 __all__ = [
     "Attention",
@@ -33,12 +34,6 @@ __all__ = [
 ]
 
 Dtype = Any
-
-# The projections of the shared decoder block, named as in HF checkpoints; the LoRA targets by
-# default (DESIGN.md section 1) and the rows of the routing figures, in this order.
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 
 def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:

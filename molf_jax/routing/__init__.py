@@ -6,8 +6,8 @@ optimizer in an ``optax.chain``.
 """
 
 # Labels: which leaves belong to which expert of which module.
-from molf_jax.routing._labels import (ExpertLabel, label_lora_experts, labels_from_paths,
-                                      path_to_str)
+from molf_jax.routing._labels import (ExpertLabel, expert_index, expert_key, label_lora_experts,
+                                      labels_from_paths, path_to_str)
 
 # The static modules x experts table (row names for logging).
 from molf_jax.routing._table import RoutingTable, build_routing_table as routing_table
@@ -34,6 +34,8 @@ __all__ = [
     "SCORE_EPS",
     "Score",
     "epd",
+    "expert_index",
+    "expert_key",
     "label_lora_experts",
     "labels_from_paths",
     "molf_adamw",

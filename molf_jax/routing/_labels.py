@@ -4,6 +4,12 @@ A routed module (one target linear in the paper) owns several experts. Expert 0 
 fine-tuning expert (the base kernel and its bias); experts 1..E are LoRA pairs. MoLF-Efficient
 modules have no expert 0. Every leaf of a parameter tree carries either an `ExpertLabel` or
 `None` (not routed: it trains with the inner optimizer as usual).
+
+The label function reads two conventions of a parameter tree, defined here because the routing
+core imports nothing else of molf_jax (`molf_jax.lora` and `molf_jax.trees` take them from
+here): our LoRA expert ``i`` is the dict ``lora_<i>`` beside its module's kernel (the label
+function also reads other libraries' layouts, below), and a leaf's path is its keys joined by
+``/``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,23 @@ from typing import Any
 
 import jax
 
-__all__ = ["ExpertLabel", "label_lora_experts", "labels_from_paths", "path_to_str"]
+__all__ = ["ExpertLabel", "expert_index", "expert_key", "label_lora_experts", "labels_from_paths",
+           "path_to_str"]
+
+def expert_key(index: int) -> str:
+    """The key of LoRA expert ``index`` (from 1) beside a kernel: ``expert_key(2) == "lora_2"``."""
+    return f"lora_{index}"
+
+
+def expert_index(key: Any) -> int | None:
+    """The expert number of a ``lora_<i>`` key, or None for any other key.
+
+    Example:
+      >>> expert_index("lora_2"), expert_index("kernel")
+      (2, None)
+    """
+    match = _NUMBERED.match(str(key))
+    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass(frozen=True)

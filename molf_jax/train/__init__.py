@@ -20,7 +20,7 @@ from molf_jax.train.step import find_route_state, make_train_step
 from molf_jax.train.modes import build_optimizer, lora_spec, make_schedule, mode_roles
 from molf_jax.param_roles import ParamRole, split_trainable
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_sharding, parse_mesh
-from molf_jax.train.trees import count_params, join_trees
+from molf_jax.trees import count_params, join_trees
 
 __all__ = [
     "ATTENTION",

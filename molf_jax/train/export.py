@@ -31,7 +31,7 @@ from molf_jax.train.config import (FFT_EXPERT_MODES, SCORES, TrainConfig,
 from molf_jax.train.mesh import make_mesh
 from molf_jax.train.modes import build_optimizer
 from molf_jax.train.setup import assemble_run, model_identity
-from molf_jax.train.trees import join_trees, tree_paths
+from molf_jax.trees import join_trees, tree_paths
 
 EXPORT_DTYPES = ("bfloat16", "float32")
 

@@ -35,7 +35,7 @@ from molf_jax.train.mesh import (batch_divisor, batch_sharding, initialize_distr
 from molf_jax.train.modes import build_optimizer
 from molf_jax.train.platform import describe_numerics, with_platform_defaults
 from molf_jax.train.setup import assemble_run, model_identity, training_step
-from molf_jax.train.trees import count_params, join_trees
+from molf_jax.trees import count_params, join_trees
 from molf_jax.train.runlog import RunLog
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from molf_jax.train.mesh import param_sharding
 from molf_jax.train.modes import lora_spec, loss_regularizer, mode_roles
 from molf_jax.train.platform import with_platform_defaults
 from molf_jax.train.step import jit_train_step, make_train_step
-from molf_jax.train.trees import tree_paths
+from molf_jax.trees import tree_paths
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from molf_jax.models import next_token_loss
 from molf_jax.routing import MolfGateState, MolfRouteState
 from molf_jax.train.mesh import constrain_rows, mesh_of, tracing_mesh
 from molf_jax.param_roles import split_trainable
-from molf_jax.train.trees import join_trees
+from molf_jax.trees import join_trees
 
 __all__ = ["make_train_step", "jit_train_step", "find_route_state"]
 

@@ -1,4 +1,9 @@
-"""Joining a tree split by `molf_jax.param_roles.split_trainable`, leaf paths, counts."""
+"""Tree utilities every layer above the routing core shares: leaf paths, joining a split tree,
+counts.
+
+The path string is the routing labels' (`molf_jax.routing.path_to_str`), so that routing
+tables, checkpoints and exports name a leaf the same way.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import jax
 
 from molf_jax.routing import path_to_str
 
-__all__ = ["join_trees", "tree_paths", "count_params"]
+__all__ = ["join_trees", "tree_paths", "count_params", "path_to_str"]
 
 
 def join_trees(a: Mapping, b: Mapping) -> dict:
@@ -31,7 +36,12 @@ def join_trees(a: Mapping, b: Mapping) -> dict:
 
 
 def tree_paths(tree: Any) -> list[str]:
-    """Leaf paths ``"a/b/c"`` in flattening order."""
+    """Leaf paths ``"a/b/c"`` in flattening order.
+
+    Example:
+      >>> tree_paths({"a": {"b": 1, "c": [2, 3]}})
+      ['a/b', 'a/c/0', 'a/c/1']
+    """
     return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
