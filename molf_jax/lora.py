@@ -8,7 +8,8 @@ per expert beside it, numbered from 1::
     .../q_proj/lora_1/b      [r1, out]    zeros
     .../q_proj/lora_2/a ...
 
-so that ``y = x @ kernel + bias + sum_i s_i * (dropout(x) @ a_i) @ b_i`` (DESIGN.md section 1).
+so that ``y = x @ kernel + bias + sum_i s_i * (dropout(x) @ a_i) @ b_i`` (docs/design.md
+section 1).
 With scanned layers every leaf under ``layers/`` has a leading layer axis, and so do the LoRA
 leaves. The forward pass lives in ``molf_jax.models.layers.LoraLinear``; this module only handles
 trees.
@@ -82,7 +83,7 @@ class LoraSpec:
         ``embed_tokens`` are never targeted.
       rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.
       dropout: dropout rate on the LoRA input only (one mask shared by the experts of a module,
-        as in ``dropout(x) @ a_i`` of DESIGN.md); the base path never sees dropout.
+        as in ``dropout(x) @ a_i`` of docs/design.md); the base path never sees dropout.
       merged: under differentiation and without active dropout, compute a target linear as
         ``x @ (kernel + sum_i s_i a_i b_i)`` and take the experts' gradients from the kernel's
         (``molf_jax.models.merged_lora``). Same gradients, much cheaper when the kernel trains

@@ -29,21 +29,23 @@ import numpy as np
 import optax
 
 from molf_jax import models
-from molf_jax.train import (ATTENTION, DTYPES, MODES, PLATFORM_DEFAULTS, REMAT, ROUTED_MODES,
-                            TrainConfig, batch_sharding, build_optimizer, count_params, lora_spec,
-                            make_mesh, mode_roles, on_mesh, param_sharding, split_trainable,
-                            training_model, training_step, with_platform_defaults)
-from molf_jax.adalora import AdaLoraSpec, add_adalora
+from molf_jax.train import (ATTENTION, DTYPES, MODES, PLATFORM_DEFAULTS, REMAT, ModelSource, Run,
+                            RunPlan, TrainConfig, assemble_run, batch_sharding, build_optimizer,
+                            count_params, lora_spec, on_mesh, param_sharding, plan_run,
+                            resolve_config, split_trainable, training_model, training_step)
+from molf_jax.adalora import AdaLoraSpec
 from molf_jax.device_memory import MEMORY_FRACTION_VARIABLE, use_device_memory
-from molf_jax.lora import LoraSpec, add_lora_experts
 
-PEAK_FLOPS = 790e12  # bf16 matrix product measured on an H200 here (DESIGN.md section 4)
+# bf16 matrix product measured on an H200 here (docs/design.md section 4).
+PEAK_FLOPS = 790e12
+# The random base model and its adapters.
+KEYS = (jax.random.key(0), jax.random.key(1))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen2.5-1.5b")
-    p.add_argument("--mode", default="molf", choices=MODES)
+    p.add_argument("--mode", default="molf", choices=tuple(MODES))
     p.add_argument("--layers", type=int, default=None,
                    help="override the preset's layer count (smoke tests)")
     p.add_argument("--lora-ranks", type=int, nargs="+", default=None)
@@ -78,9 +80,10 @@ def parse_args(argv=None):
 
 
 def bench_config(args) -> TrainConfig:
-    """The training configuration this benchmark times. ``molf-jax train`` given the same
-    settings (``--model M --mode X --batch-size B --max-length T --lora-dropout 0 ...``) builds
-    the same step from it (tests/test_bench.py)."""
+    """The training configuration this benchmark times, as given (`setup` plans it with the
+    ``--numerics-of`` platform). ``molf-jax train`` given the same settings (``--model M
+    --mode X --batch-size B --max-length T --lora-dropout 0 ...``) builds the same step from it
+    (tests/test_bench.py)."""
     config = TrainConfig(mode=args.mode, model=args.model, batch_size=args.batch,
                          max_length=args.length,
                          lora_ranks=tuple(args.lora_ranks) if args.lora_ranks else None,
@@ -90,7 +93,7 @@ def bench_config(args) -> TrainConfig:
                          attention=args.attention, scan_layers=args.scan,
                          loss_chunk=args.loss_chunk, mesh=args.mesh, lora_dropout=0.0,
                          merged_lora=args.merged_lora)
-    return with_platform_defaults(config, args.numerics_of)
+    return config
 
 
 def run_name(args) -> str:
@@ -143,20 +146,26 @@ class Bench(NamedTuple):
     """What the timed step is made of, before any array exists.
 
     Attributes:
-      config: the training configuration (`bench_config`).
-      mesh, model_config, spec: the device mesh, the model's shape, the LoRA experts.
-      initial_params: ``() -> params`` placed on the mesh.
-      roles: each leaf's `molf_jax.train.ParamRole` in the config's mode (`mode_roles`).
+      plan: the planned run (`molf_jax.train.plan_run` of `bench_config`).
+      run: the run assembled on abstract params (`molf_jax.train.assemble_run`): model source,
+        LoRA experts, parameter roles.
+      initial_params: ``() -> params`` placed on the mesh: the same assembly with arrays.
       tx: the optimizer (plain AdamW with ``--unrouted-optimizer``).
+      plain_tx: plain AdamW on the same leaves (the fft mode's optimizer), the routing
+        overhead's reference.
     """
 
-    config: TrainConfig
-    mesh: Any
-    model_config: Any
-    spec: LoraSpec | None
+    plan: RunPlan
+    run: Run
     initial_params: Callable[[], Any]
-    roles: Any
     tx: optax.GradientTransformation
+    plain_tx: optax.GradientTransformation
+
+    config = property(lambda self: self.plan.config, doc="the resolved training config")
+    mesh = property(lambda self: self.plan.mesh)
+    model_config = property(lambda self: self.run.source.config)
+    spec = property(lambda self: self.run.lora)
+    roles = property(lambda self: self.run.roles)
 
     def model(self, **changes):
         """The training model of ``config.replace(**changes)`` (`training_model`)."""
@@ -165,37 +174,30 @@ class Bench(NamedTuple):
 
 
 def setup(args) -> Bench:
-    """The benchmark's `Bench`; scripts/collectives.py compiles the same step on abstract
-    arrays."""
-    config = bench_config(args)
-    mesh = make_mesh(config.mesh)
+    """The benchmark's `Bench`, assembled by the trainer's `assemble_run` on a random-init model
+    of the preset's shape; scripts/collectives.py compiles the same step on abstract arrays."""
+    given = bench_config(args)
+    plan = plan_run(given, platform=args.numerics_of)
     overrides = {} if args.layers is None else {"num_layers": args.layers, "layer_types": ()}
-    model_config = models.preset(args.model, **overrides)
-    spec = lora_spec(config)
-    rule = param_sharding(mesh)
-    base_model = models.build_model(model_config, scan_layers=config.scan_layers,
-                                    param_dtype=jnp.dtype(config.param_dtype))
-    shardings = jax.tree.map(lambda x: rule("", x.shape), models.abstract_params(base_model))
+    source = ModelSource(args.model, None, models.preset(args.model, **overrides))
+    run = assemble_run(plan, source=source, keys=KEYS, abstract=True)
+    rule = param_sharding(plan.mesh)
 
     def initial_params():
-        params = jax.jit(lambda k: models.init_params(base_model, k),
-                         out_shardings=shardings)(jax.random.key(0))
-        if spec is None:
+        params = assemble_run(plan, source=source, keys=KEYS).params
+        if run.lora is None:
             return params
-        if isinstance(spec, AdaLoraSpec):
-            params = add_adalora(params, spec, jax.random.key(1))
-        else:
-            params = add_lora_experts(params, spec, jax.random.key(1))
         # Nonzero B (AdaLoRA: E) so that every expert shapes the loss as after a few steps.
-        moved = "e" if isinstance(spec, AdaLoraSpec) else "b"
+        moved = "e" if isinstance(run.lora, AdaLoraSpec) else "b"
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: x + 1e-3 if str(getattr(p[-1], "key", "")) == moved else x, params)
         return jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), params)
 
-    roles = mode_roles(config, jax.eval_shape(initial_params))
-    tx, _ = build_optimizer(config.replace(mode="fft") if args.unrouted_optimizer else config,
-                            total_steps=1000, roles=roles)
-    return Bench(config, mesh, model_config, spec, initial_params, roles, tx)
+    plain_tx, _ = build_optimizer(resolve_config(given.replace(mode="fft"), args.numerics_of),
+                                  total_steps=1000, roles=run.roles)
+    tx = plain_tx if args.unrouted_optimizer else build_optimizer(
+        plan.config, total_steps=1000, roles=run.roles)[0]
+    return Bench(plan, run, initial_params, tx, plain_tx)
 
 
 def make_batch(args, vocab_size, mesh):
@@ -275,10 +277,10 @@ def main(argv=None):
     optimizer_s, trainable, opt_state = time_optimizer(bench.tx, trainable, opt_state, grads,
                                                        repeat=args.steps)
     routing_s = None
-    if args.mode in (*ROUTED_MODES, "adalora"):  # adalora: the rank allocator's overhead
+    mode = bench.plan.mode
+    if mode.routes or mode.adapter == "adalora":  # adalora: the rank allocator's overhead
         del opt_state
-        plain_tx, _ = build_optimizer(config.replace(mode="fft"), total_steps=1000,
-                                      roles=bench.roles)
+        plain_tx = bench.plain_tx
         plain_state = on_mesh(jax.jit(plain_tx.init)(trainable), mesh)
         plain_s, trainable, plain_state = time_optimizer(plain_tx, trainable, plain_state, grads,
                                                          repeat=args.steps)

@@ -43,7 +43,7 @@ import jax  # noqa: E402
 
 import bench  # noqa: E402  (scripts/bench.py)
 from molf_jax.models import preset  # noqa: E402
-from molf_jax.train import (on_mesh, param_sharding, parse_mesh,  # noqa: E402
+from molf_jax.train import (on_mesh, param_sharding, parse_mesh, resolve_config,  # noqa: E402
                             split_trainable)
 
 KINDS = {"all-gather": "all-gather", "reduce-scatter": "reduce-scatter",
@@ -224,7 +224,9 @@ def extrapolated_traffic(args, devices):
                                   for n in PROBE_LAYERS)
     traffic = {k: t2[k] + (t4[k] - t2[k]) * (layers - 2) / 2 for k in set(t2) | set(t4)}
     per_layer, grads_per_layer = (p4 - p2) / 2, (g4 - g2) / 2
-    gathers = 2 if bench.bench_config(gpu_step(args)).remat == "none" else 3
+    step_args = gpu_step(args)
+    remat = resolve_config(bench.bench_config(step_args), step_args.numerics_of).remat
+    gathers = 2 if remat == "none" else 3
     fsdp = parse_mesh(args.mesh, devices)["fsdp"]
     ideal = (fsdp - 1) / fsdp * (layers * (gathers * per_layer + grads_per_layer)
                                  + 2 * (p2 - 2 * per_layer) + (g2 - 2 * grads_per_layer))

@@ -34,10 +34,10 @@ def known_by_generating(facts, model, params, tokenizer, *, batch_size: int) -> 
 
 def _model(name: str):
     from molf_jax import models
-    from molf_jax.train import TrainConfig, assemble_run, make_mesh
+    from molf_jax.train import TrainConfig, assemble_run, plan_run
 
     config = TrainConfig(mode="fft", model=name, mesh="data=1,fsdp=1,tensor=1")
-    run = assemble_run(config, make_mesh(config.mesh))
+    run = assemble_run(plan_run(config))
     # Generation runs build_model's default model, not the run's training model.
     model = models.build_model(run.source.config, scan_layers=config.scan_layers)
     return model, run.params, run.tokenizer

@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from molf_jax.train import TrainConfig, build_optimizer, mode_roles, split_trainable
+from molf_jax.train import (TrainConfig, assemble_run, build_optimizer, plan_run,
+                            split_trainable)
 from molf_jax.cli.train import config_from_args
 from molf_jax.cli import build_parser
 from molf_jax.train.config import ConfigError
-from molf_jax.train.modes import lora_spec
-from molf_jax.train.mesh import batch_sharding, make_mesh, param_sharding
+from molf_jax.train.mesh import batch_sharding, param_sharding
 from molf_jax.train.platform import with_platform_defaults
-from molf_jax.train.setup import build_params, resolve_model, training_model, training_step
+from molf_jax.train.setup import training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
@@ -32,19 +32,14 @@ def abstract(tree, mesh):
 def trainer_step_text(train_flags, numerics_of):
     """The trainer's step for ``molf-jax train FLAGS`` (random-init preset), lowered on
     abstract arrays, as ``train`` builds it."""
-    config = with_platform_defaults(config_from_args(build_parser().parse_args(
-        ["train", *train_flags])), numerics_of)
-    mesh = make_mesh(config.mesh)
-    source = resolve_model(config.model)
-    params = abstract(jax.eval_shape(
-        lambda key: build_params(config, source, mesh, rng=key)[0], jax.random.key(0)), mesh)
-    roles = mode_roles(config, params)
-    trainable, _ = split_trainable(params, roles)
-    tx, _ = build_optimizer(config, total_steps=1000, roles=roles)  # bench's schedule length
-    opt_state = abstract(jax.eval_shape(tx.init, trainable), mesh)
-    model = training_model(config, source.config, lora_spec(config))
-    step = training_step(config, model, tx, roles, params, opt_state)
-    return step.lower(params, opt_state, _batch(config, mesh)).as_text()
+    plan = plan_run(config_from_args(build_parser().parse_args(["train", *train_flags])),
+                    platform=numerics_of)
+    run = assemble_run(plan, abstract=True)
+    trainable, _ = split_trainable(run.params, run.roles)
+    tx, _ = build_optimizer(run.config, total_steps=1000, roles=run.roles)  # bench's length
+    opt_state = abstract(jax.eval_shape(tx.init, trainable), plan.mesh)
+    step = training_step(run.config, run.model, tx, run.roles, run.params, opt_state)
+    return step.lower(run.params, opt_state, _batch(run.config, plan.mesh)).as_text()
 
 
 def _batch(config, mesh):

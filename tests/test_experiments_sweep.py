@@ -11,7 +11,7 @@ from molf_jax.experiments import Member, member_params, train_members
 from molf_jax.experiments.scoring import case_scores
 from molf_jax.models import build_model
 from molf_jax.param_roles import split_trainable
-from molf_jax.train import (assemble_run, load_run, make_mesh, merge_adapters, mode_roles,
+from molf_jax.train import (assemble_run, load_run, merge_adapters, mode_roles, plan_run,
                             train)
 from molf_jax.train.loop import prepare_data
 from tiny_run import final_params, tiny_config, tiny_hf_folder
@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
         train(config)
         alone.append((config, out))
     config = alone[0][0]
-    base = assemble_run(config.replace(mode="fft", lora_ranks=None), make_mesh("fsdp=1"))
+    base = assemble_run(plan_run(config.replace(mode="fft", lora_ranks=None, mesh="fsdp=1")))
     examples = [prepare_data(c, base.tokenizer)[0] for c, _ in alone]
     result = train_members(config, base.source.config, base.params, examples, list(MEMBERS),
                            pad_id=pad_token_id(base.tokenizer))

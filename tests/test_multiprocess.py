@@ -12,11 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from molf_jax.train import RunCheckpointer, train
-from molf_jax.train.mesh import make_mesh, on_mesh
+from molf_jax.train import RunCheckpointer, assemble_run, plan_run, train
+from molf_jax.train.mesh import on_mesh
 from molf_jax.param_roles import split_trainable
-from molf_jax.train.modes import build_optimizer, mode_roles
-from molf_jax.train.setup import build_params, resolve_model
+from molf_jax.train.modes import build_optimizer
 from molf_jax.trees import tree_paths
 from tiny_run import final_params, tiny_config, tiny_hf_folder
 
@@ -111,11 +110,12 @@ def test_two_process_checkpoint_resumes_on_four_devices_of_one_process(tiny_dir,
                          mesh=MESH_4, resume=True, reschedule=True, **RATES)
 
     # Right after the restore, on the new layout: the saved values, bit for bit.
-    mesh = make_mesh(MESH_4)
-    params, _ = build_params(config, resolve_model(str(tiny_dir)), mesh, rng=jax.random.key(1))
-    roles = mode_roles(config, params)
+    plan = plan_run(config)
+    mesh = plan.mesh
+    run = assemble_run(plan, keys=tuple(jax.random.split(jax.random.key(1))))
+    params, roles = run.params, run.roles
     trainable, _ = split_trainable(params, roles)
-    tx, _ = build_optimizer(config, total_steps=STEPS + 2, roles=roles)
+    tx, _ = build_optimizer(run.config, total_steps=STEPS + 2, roles=roles)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
     try:
         restored, _, meta = checkpointer.restore(trainable, on_mesh(jax.jit(tx.init)(trainable),

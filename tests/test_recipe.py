@@ -13,7 +13,7 @@ from molf_jax.train.modes import make_schedule
 
 
 @pytest.mark.parametrize("mode, ranks, alphas, lora_lr, top_k", [
-    # arXiv 2605.07111 and the authors' scripts (DESIGN.md section 1).
+    # arXiv 2605.07111 and the authors' scripts (docs/design.md section 1).
     ("molf", (128,), (32.0,), 5e-5, 1),
     ("molf_gate", (128,), (32.0,), 5e-5, 1),
     ("molfe", (32, 128), (32.0, 32.0), 5e-5, 2),

@@ -1,4 +1,4 @@
-"""molf_route against an independent NumPy restatement of DESIGN.md section 1.
+"""molf_route against an independent NumPy restatement of docs/design.md section 1.
 
 The reference below shares no code with the library: it keeps its own Adam moments, its own
 schedule, its own scores and top-k, written step by step from the design notes.

@@ -1,4 +1,4 @@
-"""Training: the five modes, the AdamW anchor, sharding, bad input (kills and resumes:
+"""Training: the six modes, the AdamW anchor, sharding, bad input (kills and resumes:
 test_reliability.py)."""
 
 import json
@@ -15,8 +15,8 @@ from molf_jax.data import byte_level_tokenizer
 from molf_jax.train import train
 from molf_jax.train.mesh import batch_sharding, make_mesh, on_mesh, param_spec
 from molf_jax.param_roles import split_trainable
-from molf_jax.train.modes import build_optimizer, mode_roles
-from molf_jax.train.setup import build_params, resolve_model, training_model
+from molf_jax.train import assemble_run, plan_run, resolve_config
+from molf_jax.train.modes import build_optimizer
 from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.trees import tree_paths
 from tiny_run import final_params, tiny_config, tiny_hf_folder
@@ -80,10 +80,9 @@ def test_molf_at_full_top_k_is_plain_adamw(tiny_dir, tmp_path):
     molf = tiny_config(tiny_dir, tmp_path, mode="molf", top_k=2, fft_lr=1e-2, lora_lr=1e-2,
                        fft_weight_decay=0.05, lora_weight_decay=0.05, lora_alpha=(16.0,))
     plain = molf.replace(mode="fft")  # same optimizer groups, no routing
-    source = resolve_model(str(tiny_dir))
-    params, spec = build_params(molf, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
+    run = assemble_run(plan_run(molf))
+    source, params, spec, roles = run.source, run.params, run.lora, run.roles
     model = models.build_model(source.config, lora=spec, scan_layers=molf.scan_layers)
-    roles = mode_roles(molf, params)
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(4, V, (1, 4, 32), dtype=np.int32),
                 "attention_mask": np.ones((1, 4, 32), np.int32),
@@ -91,7 +90,7 @@ def test_molf_at_full_top_k_is_plain_adamw(tiny_dir, tmp_path):
                for i in range(4)]
     results = []
     for config in (molf, plain):
-        tx, _ = build_optimizer(config, total_steps=4, roles=roles)
+        tx, _ = build_optimizer(resolve_config(config), total_steps=4, roles=roles)
         step = jax.jit(make_train_step(model, tx, roles=roles, dropout=False))
         p, (train_part, _) = params, split_trainable(params, roles)
         state = tx.init(train_part)
@@ -141,11 +140,9 @@ def test_fsdp_step_gathers_weights_not_activations(tiny_dir, tmp_path):
     mesh_spec = "data=1,fsdp=4,tensor=1"
     mesh = make_mesh(mesh_spec)
     config = tiny_config(tiny_dir, tmp_path, mode="molf", batch_size=8, mesh=mesh_spec)
-    source = resolve_model(str(tiny_dir))
-    params, spec = build_params(config, source, mesh, rng=jax.random.key(0))
-    model = training_model(config, source.config, spec)
-    roles = mode_roles(config, params)
-    tx, _ = build_optimizer(config, total_steps=4, roles=roles)
+    run = assemble_run(plan_run(config))
+    source, params, model, roles = run.source, run.params, run.model, run.roles
+    tx, _ = build_optimizer(run.config, total_steps=4, roles=roles)
     opt_state = on_mesh(jax.jit(tx.init)(split_trainable(params, roles)[0]), mesh)
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
         like_params = NamedSharding(mesh, param_spec(leaf.shape, mesh))

@@ -52,22 +52,19 @@ def tiny_step_parts(config, *, nonzero_lora_b: bool = True, max_grad_norm: float
     import jax.numpy as jnp
     import numpy as np
 
-    from molf_jax.train.mesh import make_mesh
-    from molf_jax.train.modes import build_optimizer, mode_roles
-    from molf_jax.train.setup import build_params, resolve_model, training_model
+    from molf_jax.train import assemble_run, build_optimizer, plan_run
 
-    source = resolve_model(config.model)
-    params, spec = build_params(config, source, make_mesh("fsdp=1"), rng=jax.random.key(0))
+    run = assemble_run(plan_run(config.replace(mesh="fsdp=1")),
+                       keys=tuple(jax.random.split(jax.random.key(0))))
+    params = run.params
     if nonzero_lora_b:
         rng = np.random.default_rng(1)
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: jnp.asarray(0.02 * rng.standard_normal(x.shape), x.dtype)
             if getattr(p[-1], "key", None) == "b" else x, params)
-    model = training_model(config, source.config, spec)
-    roles = mode_roles(config, params)
-    optimizer, _ = build_optimizer(config, total_steps=8, roles=roles,
+    optimizer, _ = build_optimizer(run.config, total_steps=8, roles=run.roles,
                                    max_grad_norm=max_grad_norm)
-    return model, params, roles, optimizer
+    return run.model, params, run.roles, optimizer
 
 
 def final_params(run_dir):

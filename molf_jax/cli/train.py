@@ -5,7 +5,7 @@ Example:
   >>> parser = argparse.ArgumentParser()
   >>> _ = register(parser.add_subparsers(dest="command"))
   >>> config_from_args(parser.parse_args(["train", "--mode", "molfe", "--no-eval"])).ranks
-  (16, 128)
+  (32, 128)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from molf_jax.train.config import TrainConfig
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds ``train`` to a CLI's subparsers (``func=main``)."""
     p = subparsers.add_parser(
-        "train", help="fine-tune with fft, lora, molf, molfe or molf_gate",
+        "train", help="fine-tune with fft, lora, molf, molfe, molf_gate or adalora",
         description="With no arguments: MoLF on the embedded Gemma 3 270M, offline Fact task, "
                     "evaluated before and after, exported to RUN_DIR/merged.")
     add_arguments(p, TrainConfig)

@@ -222,7 +222,7 @@ class Runner:
         from molf_jax.adalora import apply_rank_pattern
         from molf_jax.data import pad_token_id
         from molf_jax.experiments.sweep import member_params, train_members
-        from molf_jax.train import merge_adapters
+        from molf_jax.train import merge_adapters, mode_of
 
         members = list(members or program.members)
         config = self._config(program, data.size, steps)
@@ -236,7 +236,7 @@ class Runner:
         rows = []
         for k, member in enumerate(members):
             params = member_params(result, k)
-            if config.mode == "adalora":
+            if mode_of(config).adapter == "adalora":
                 params = apply_rank_pattern(params, jax.tree.map(lambda x: x[k],
                                                                  result.opt_state))
             params = merge_adapters(params, result.spec)
@@ -352,12 +352,13 @@ class Runner:
 def _routing_summary(result, k: int, mode: str) -> dict[str, Any] | None:
     """Share of module-steps that chose the counted expert (molf: FFT; molfe: the last, the
     highest rank), per projection type over steps and overall."""
+    from molf_jax.train import mode_of
     from molf_jax.viz._runlog import projection_of
 
     if result.winners is None:
         return None
     winners = result.winners[:, k].astype(float)  # [steps, modules, experts]
-    column = 0 if mode in ("molf", "molf_gate") else winners.shape[-1] - 1
+    column = 0 if mode_of(mode).fft_expert else winners.shape[-1] - 1
     by_projection: dict[str, list[int]] = {}
     for i, name in enumerate(result.module_names):
         by_projection.setdefault(projection_of(name), []).append(i)

@@ -27,12 +27,13 @@ import numpy as np
 from molf_jax.data import PROTOCOL_SETTINGS, BatchIterator, fixed_lengths
 from molf_jax.param_roles import expert_labels, split_trainable
 from molf_jax.routing import routing_table
-from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, TrainConfig
+from molf_jax.train.config import TrainConfig
 from molf_jax.train.loop import total_optimizer_steps
-from molf_jax.train.modes import build_optimizer, lora_spec, loss_regularizer, mode_roles
+from molf_jax.train.modes import build_optimizer, mode_of
+from molf_jax.train.plan import resolve_config
 from molf_jax.train.setup import add_mode_adapters, training_model
 from molf_jax.train.step import make_train_step
-from molf_jax.train.trees import join_trees
+from molf_jax.trees import join_trees
 
 __all__ = ["Member", "MemberProgram", "SweepResult", "train_members", "member_params",
            "member_batches"]
@@ -133,22 +134,21 @@ class MemberProgram:
 
     def __init__(self, config: TrainConfig, model_config: Any, base_params: Any,
                  num_members: int, total_steps: int, batch_shape: tuple[int, int, int] | None):
-        from molf_jax.train.platform import with_platform_defaults
-
-        config = with_platform_defaults(config)
+        config = resolve_config(config)
+        mode = mode_of(config)
         self.config, self.total_steps = config, total_steps
         self.num_members, self.batch_shape = num_members, batch_shape
-        self.spec = lora_spec(config)
+        self.spec = mode.lora_spec(config)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
         abstract = jax.eval_shape(
             lambda p, key: add_mode_adapters(config, p, key)[0], shapes, jax.random.key(0))
-        self.roles = mode_roles(config, abstract)
-        self.routed = config.mode in ROUTED_MODES
+        self.roles = mode.roles(config, abstract)
+        self.routed = mode.routes
         self.model = training_model(config, model_config, self.spec)
         trainable, frozen = split_trainable(abstract, self.roles)
         self._abstract = (trainable, frozen)
         roles, model, routed = self.roles, self.model, self.routed
-        regularizer = loss_regularizer(config)
+        regularizer = mode.regularizer(config)
 
         def optimizer(peak):
             return build_optimizer(config, total_steps, roles, peak_rates=(peak[0], peak[1]))[0]
@@ -156,8 +156,8 @@ class MemberProgram:
         def member_step(train_params, opt_state, batch, seed, peak, frozen_params):
             step = make_train_step(model, optimizer(peak), roles=roles, seed=seed,
                                    loss_chunk=config.loss_chunk,
-                                   dropout=config.mode != "fft" and config.lora_dropout > 0,
-                                   route_fft_column=config.mode in FFT_EXPERT_MODES,
+                                   dropout=mode.dropout(config),
+                                   route_fft_column=mode.routes and mode.fft_expert,
                                    return_routing=routed, regularizer=regularizer)
             params, opt_state, metrics = step(join_trees(train_params, frozen_params),
                                               opt_state, batch)
@@ -196,7 +196,7 @@ def train_members(config: TrainConfig, model_config: Any, base_params: Any,
     Args:
       config: the runs' shared settings (mode, ranks, alphas, batch, epochs or steps, score,
         top-k, numerics); its own ``seed``, ``fft_lr`` and ``lora_lr`` are not used.
-        Numerics left None take the platform's (`with_platform_defaults`).
+        Settings left None are resolved first (`molf_jax.train.resolve_config`).
       model_config: the base model's `DecoderConfig`.
       base_params: the base model's parameters, without adapters (shared by all members).
       examples: each member's encoded training examples (`molf_jax.data.encode_records`),
@@ -218,13 +218,11 @@ def train_members(config: TrainConfig, model_config: Any, base_params: Any,
       >>> result.losses.shape                                             # doctest: +SKIP
       (10, 2)
     """
-    from molf_jax.train.platform import with_platform_defaults
-
     if not members:
         raise ValueError("train_members needs at least one member")
     if len(examples) != len(members):
         raise ValueError(f"{len(members)} members but {len(examples)} training sets")
-    config = with_platform_defaults(config)
+    config = resolve_config(config)
     iterators, total_steps = member_batches(config, examples, members, pad_id=pad_id,
                                             lengths=lengths)
     if program is None:

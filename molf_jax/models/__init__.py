@@ -1,7 +1,7 @@
 """Flax ports of the Qwen2 and Gemma 3 text decoders, loadable from HF checkpoints.
 
-Parameter paths read like HF module names (``layers/3/mlp/up_proj/kernel``); see DESIGN.md's
-shared contract.
+Parameter paths read like HF module names (``layers/3/mlp/up_proj/kernel``); see
+docs/design.md section 2.
 
 Example:
   >>> from molf_jax import models
@@ -25,7 +25,8 @@ from molf_jax.models.registry import (
 
 # Configs, the model and its loss
 from molf_jax.models.loss import next_token_loss, next_token_loss_sum
-from molf_jax.models.layers import PROJECTIONS, soft_cap
+from molf_jax.models.layers import soft_cap
+from molf_jax.projections import PROJECTIONS
 from molf_jax.models.transformer import CausalLM, DecoderConfig, init_cache
 from molf_jax.models.qwen2 import Qwen2Config
 from molf_jax.models.gemma3 import Gemma3Config

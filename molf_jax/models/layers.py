@@ -18,7 +18,7 @@ import numpy as np
 from molf_jax.adalora import ADALORA_KEY, AdaLoraSpec
 from molf_jax.lora import LoraSpec, expert_key, lora_a_init
 from molf_jax.models.merged_lora import merged_lora_linear
-from molf_jax.projections import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, PROJECTIONS
+from molf_jax.projections import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 
 __all__ = [
     "Attention",
@@ -143,7 +143,7 @@ class LoraLinear(nn.Module):
 
     The module gets experts only when ``lora`` matches its path in the parameter tree; its
     parameters are then ``kernel`` [in, out], ``bias`` [out], ``lora_i/a`` [in, r_i] and
-    ``lora_i/b`` [r_i, out] (DESIGN.md shared contract).
+    ``lora_i/b`` [r_i, out] (docs/design.md section 1).
 
     Attributes:
       features: output width.

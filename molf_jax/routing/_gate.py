@@ -2,8 +2,8 @@
 
 A transform placed *before* a stock optimizer cannot see that optimizer's moments and cannot
 touch its output, so it can only gate gradients. This is a different, approximate method
-(DESIGN.md section 2): it scores experts on an exponential moving average of their mean squared
-gradient that it keeps itself, and passes zero gradients for the losers. The adamw that follows
+(docs/design.md section 2): it scores experts on an exponential moving average of their mean
+squared gradient that it keeps itself, and passes zero gradients for the losers. The adamw that follows
 still moves losers by its momentum and weight decay, and their moments decay toward zero
 instead of tracking the true gradients. Use `molf_route` for the paper's method.
 """

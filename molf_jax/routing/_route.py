@@ -1,6 +1,6 @@
 """`molf_route`: the MoLF optimizer, a wrapper that routes an inner Adam-family optimizer.
 
-Per routed module and step (DESIGN.md section 1, paper Algorithm 1):
+Per routed module and step (docs/design.md section 1, paper Algorithm 1):
   1. the inner optimizer updates the moments and step counts of every expert;
   2. every expert is scored from those moments (EPD by default);
   3. the top-k experts of each module keep their update;

@@ -10,11 +10,13 @@ from molf_jax.data import PROTOCOL_SETTINGS, PROTOCOLS, TASKS, resolve_protocol
 from molf_jax.models import PROJECTIONS
 from molf_jax.options import choices_of, option
 from molf_jax.routing import resolve_score
+from molf_jax.train.errors import ConfigError
+from molf_jax.train.modes import (ADALORA_ALPHA, FFT_EXPERT_MODES, MODES, ROUTED_ALPHA,
+                                  ROUTED_MODES, Recipe, mode_of)
 
-MODES = ("fft", "lora", "molf", "molfe", "molf_gate", "adalora")
-# Modes whose optimizer routes between experts (they log routing), and those with an FFT expert.
-ROUTED_MODES = ("molf", "molfe", "molf_gate")
-FFT_EXPERT_MODES = ("molf", "molf_gate")
+__all__ = ["TrainConfig", "ConfigError", "MODES", "ROUTED_MODES", "FFT_EXPERT_MODES", "SCHEDULES",
+           "SCORES", "REMAT", "DTYPES", "OVERFLOWS", "ATTENTION"]
+
 SCHEDULES = ("cosine", "linear", "constant")
 SCORES = ("epd", "pfn")
 REMAT = ("none", "full", "dots_saveable")
@@ -22,52 +24,10 @@ DTYPES = ("float32", "bfloat16")
 OVERFLOWS = ("drop", "truncate_left")
 ATTENTION = ("xla", "cudnn")
 
-# The authors' recipe (arXiv 2605.07111 and their published code), per mode, used wherever a
-# setting is left at None. Sources, one per value:
-# - ranks: MoLF's one r128 expert (their config default); MoLF-E ranks 32 and 128 (their
-#   MoLF-E quickstart); LoRA baseline r32 (their baseline scripts).
-#   AdaLoRA: peft's AdaLoraConfig init_r 12 (every module's rank before pruning, --init-r).
-DEFAULT_RANKS = {"fft": (), "lora": (32,), "molf": (128,), "molfe": (32, 128),
-                 "molf_gate": (128,), "adalora": (12,)}
-# - alpha: routed experts 32 with rsLoRA (their config default; s = 32 / sqrt(r)). The LoRA
-#   baseline follows their scripts' rsLoRA rule alpha = round(2 sqrt(r)) (r 32 -> 11).
-ROUTED_ALPHA = 32.0
-#   AdaLoRA: peft's LoraConfig default 8 (its scale is alpha / init_r, no rsLoRA).
-ADALORA_ALPHA = 8.0
-
-
-def baseline_alpha(rank: int) -> float:
-    """The authors' LoRA-baseline alpha for a rank: round(2 sqrt(r)).
-
-    Example:
-      >>> baseline_alpha(32)
-      11.0
-    """
-    return float(round(2 * rank ** 0.5))
-
-
-# - LoRA learning rate: MoLF and MoLF-E use the FFT rate, 5e-5 (their README quickstart: EPD
-#   multiplies each expert's score by its rate, so unequal rates bias the routing); the LoRA
-#   baseline takes 5e-4, the first value of their sweep {5e-4, 5e-5}. FFT: 5e-5, the middle
-#   of their sweep {1e-4, 5e-5, 2e-5} and their MoLF quickstart's rate. AdaLoRA, the other
-#   adapter baseline, takes the LoRA baseline's rate.
-DEFAULT_LORA_LR = {"fft": 5e-4, "lora": 5e-4, "molf": 5e-5, "molfe": 5e-5, "molf_gate": 5e-5,
-                   "adalora": 5e-4}
-# - top-k: MoLF top-1 (paper default); MoLF-E top-2 (their MoLF-E quickstart).
-DEFAULT_TOP_K = {"fft": 1, "lora": 1, "molf": 1, "molfe": 2, "molf_gate": 1, "adalora": 1}
-# Warm-up ratio 0.1 (warm-up = ceil(0.1 x steps), as their HF Trainer counts it), weight decay
-# 0.1 / 0.01, dropout 0.05, cosine: the field defaults below. Their effective batch is 32
-# (8 x grad-accum 4) for 2 epochs; the CLI keeps 8 x 1 so that the main job runs in minutes on
-# a CPU (`--grad-accum 4` gives theirs; scripts/reproduce.py does).
-
-
 # The step counter is an int32 on the devices; epochs are bounded so that their step count is.
 MAX_STEPS = 2**31 - 1
 MAX_EPOCHS = 1e6
 
-
-class ConfigError(ValueError):
-    """A training configuration that cannot run; the message says which setting and why."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,10 +36,10 @@ class TrainConfig:
 
     Each field's help (also ``molf-jax train --help``) says what it sets. The paper's two
     parameter groups are ``fft_*`` (the FFT expert and the non-routed leaves) and ``lora_*``.
-    Numerics and kernels left None (the default) take the platform's choice when the run starts
-    (`molf_jax.train.platform.with_platform_defaults`).
-
-    Defaults left at None follow the authors' recipe for the mode (see the constants above).
+    Settings left None (the default) are filled in once, when the run is planned
+    (`molf_jax.train.resolve_config`): numerics and kernels by the platform, the LoRA ranks,
+    alphas, rate and top-k by the mode's recipe (`molf_jax.train.modes`), the protocol and the
+    length cap by the data source.
 
     Example:
       >>> TrainConfig(mode="molfe").ranks, TrainConfig(mode="molfe").routing_top_k
@@ -88,9 +48,9 @@ class TrainConfig:
 
     mode: str = option("molf", "fft, lora, molf (FFT expert + LoRA experts), molfe (frozen "
                        "base, LoRA experts of several ranks), molf_gate (molf's experts gated "
-                       "before AdamW: the approximate form, DESIGN.md section 2) or adalora "
+                       "before AdamW: the approximate form, docs/design.md section 2) or adalora "
                        "(frozen base, AdaLoRA triplets pruned by peft's rank allocator)",
-                       choices=MODES, group="run")
+                       choices=tuple(MODES), group="run")
     model: str = option("default", "'default' (embedded Gemma 3 270M), an HF folder, or a "
                         "preset name for a random-init model (e.g. qwen2.5-1.5b; tiny-qwen2 or "
                         "tiny-gemma3 for a smoke run in seconds)")
@@ -145,7 +105,7 @@ class TrainConfig:
     # peft's AdaLoraConfig names and defaults; its total_step is the run's optimizer steps.
     init_r: int | None = option(
         None, "adalora: every module's rank before pruning",
-        default_text=f"peft's {DEFAULT_RANKS['adalora'][0]}",
+        default_text=f"peft's {MODES['adalora'].default_ranks[0]}",
         group="AdaLoRA (mode adalora; peft's AdaLoraConfig names and defaults; --lora-alpha "
               f"defaults to peft's {ADALORA_ALPHA:g}, --lora-lr, --lora-weight-decay and "
               "--lora-dropout apply)")
@@ -209,31 +169,15 @@ class TrainConfig:
         _check(self)
 
     @property
-    def ranks(self) -> tuple[int, ...]:
-        if self.mode == "adalora" and self.init_r is not None:
-            return (self.init_r,)
-        return tuple(self.lora_ranks) if self.lora_ranks is not None else DEFAULT_RANKS[self.mode]
+    def recipe(self) -> Recipe:
+        """The mode's ranks, alphas, LoRA rate and top-k for this config (`Mode.recipe`)."""
+        return mode_of(self).recipe(self)
 
-    @property
-    def lora_learning_rate(self) -> float:
-        return DEFAULT_LORA_LR[self.mode] if self.lora_lr is None else self.lora_lr
-
-    @property
-    def routing_top_k(self) -> int:
-        return DEFAULT_TOP_K[self.mode] if self.top_k is None else self.top_k
-
-    @property
-    def alphas(self) -> tuple[float, ...]:
-        if self.mode == "adalora":
-            return (ADALORA_ALPHA if self.lora_alpha is None
-                    else float(self.lora_alpha[0]),)
-        if self.lora_alpha is None:
-            if self.mode == "lora":
-                return tuple(baseline_alpha(r) for r in self.ranks)
-            return tuple(ROUTED_ALPHA for _ in self.ranks)
-        if len(self.lora_alpha) == 1:
-            return tuple(float(self.lora_alpha[0]) for _ in self.ranks)
-        return tuple(float(a) for a in self.lora_alpha)
+    ranks = property(lambda self: self.recipe.ranks, doc="the LoRA experts' ranks")
+    alphas = property(lambda self: self.recipe.alphas, doc="the LoRA experts' alphas")
+    lora_learning_rate = property(lambda self: self.recipe.lora_lr,
+                                  doc="the LoRA experts' peak learning rate")
+    routing_top_k = property(lambda self: self.recipe.top_k, doc="experts updated per module")
 
     @property
     def data_protocol(self) -> str:
@@ -276,33 +220,9 @@ def _check(c: TrainConfig) -> None:
             resolve_score(c.score)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    ranks = c.ranks
-    need(all(isinstance(r, int) and r > 0 for r in ranks),
-         f"LoRA ranks must be positive integers, got {list(ranks)}")
-    if c.mode == "lora":
-        need(len(ranks) == 1, f"mode 'lora' takes one rank, got {list(ranks)}")
-    if c.mode in FFT_EXPERT_MODES:
-        need(len(ranks) >= 1, f"mode {c.mode!r} needs at least one LoRA rank")
-    if c.mode == "molfe":
-        need(len(ranks) >= 2, f"mode 'molfe' routes between LoRA experts: give two or more "
-                              f"ranks, got {list(ranks)}")
-    if c.mode == "adalora":
-        need(c.lora_ranks is None, "mode 'adalora' takes --init-r and --target-r, not "
-                                   "--lora-ranks")
-        need(c.lora_alpha is None or len(c.lora_alpha) == 1,
-             f"mode 'adalora' takes one --lora-alpha, got {list(c.lora_alpha or ())}")
-        need(c.orth_reg_weight >= 0, f"orth-reg-weight must be >= 0, got {c.orth_reg_weight}")
-        check_adalora_schedule(c, c.steps)
-    elif c.lora_alpha is not None:
-        need(len(c.lora_alpha) in (1, len(ranks)),
-             f"give one LoRA alpha or one per rank ({len(ranks)}), got {list(c.lora_alpha)}")
+    mode_of(c).check(c)
     need(c.lora_alpha is None or all(a > 0 for a in c.lora_alpha),
          f"--lora-alpha must be > 0 (the experts' scale), got {list(c.lora_alpha or ())}")
-    experts = len(ranks) + (1 if c.mode in FFT_EXPERT_MODES else 0)
-    if c.mode in ROUTED_MODES:
-        need(isinstance(c.routing_top_k, int) and 1 <= c.routing_top_k <= experts,
-             f"top-k must be between 1 and the number of experts per module ({experts}), "
-             f"got {c.routing_top_k}")
     need(c.lora_lr is None or c.lora_lr >= 0, f"lora-lr must be >= 0, got {c.lora_lr}")
     for name in ("fft_lr", "fft_weight_decay", "lora_weight_decay"):
         need(getattr(c, name) >= 0, f"{name.replace('_', '-')} must be >= 0, got "
@@ -330,17 +250,3 @@ def _check(c: TrainConfig) -> None:
     need(c.save_every >= 0 and c.log_every >= 1 and c.routing_log_every >= 0,
          "save-every >= 0, log-every >= 1, routing-log-every >= 0")
 
-
-def check_adalora_schedule(c: TrainConfig, total_steps: int | None):
-    """The AdaLoRA schedule for ``total_steps`` optimizer steps (None: all but the fit with the
-    step count is checked), or ConfigError with peft's reason."""
-    from molf_jax.adalora import AdaLoraSchedule
-
-    try:
-        return AdaLoraSchedule(
-            total_step=total_steps if total_steps is not None else c.tinit + c.tfinal + 1,
-            init_r=c.ranks[0], target_r=c.target_r, tinit=c.tinit, tfinal=c.tfinal,
-            deltaT=c.delta_t, beta1=c.beta1, beta2=c.beta2)
-    except ValueError as err:
-        message = str(err).replace("deltaT", "delta-t").replace("init_r", "init-r")
-        raise ConfigError(f"adalora: {message.replace('target_r', 'target-r')}") from None

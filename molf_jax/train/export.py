@@ -26,10 +26,9 @@ from molf_jax.paths import as_path, is_remote
 from molf_jax.run_dir import RunDir
 from molf_jax.param_roles import LORA, split_trainable
 from molf_jax.train.checkpoint import RunCheckpointer
-from molf_jax.train.config import (FFT_EXPERT_MODES, SCORES, TrainConfig,
-                                   check_adalora_schedule)
-from molf_jax.train.mesh import make_mesh
-from molf_jax.train.modes import build_optimizer
+from molf_jax.train.config import SCORES, TrainConfig
+from molf_jax.train.modes import adalora_schedule, mode_of
+from molf_jax.train.plan import plan_run
 from molf_jax.train.setup import assemble_run, model_identity
 from molf_jax.trees import join_trees, tree_paths
 
@@ -132,7 +131,7 @@ def export_artifacts(run: Any, run_dir: str | os.PathLike, *,
         if isinstance(run.lora, AdaLoraSpec):
             save_peft_adalora_adapter(
                 folder, params, run.model_config, run.lora,
-                check_adalora_schedule(run.config, run.total_steps), run.rank_pattern,
+                adalora_schedule(run.config, run.total_steps), run.rank_pattern,
                 base_model_name_or_path=base, orth_reg_weight=run.config.orth_reg_weight,
                 dtype=storage, **safety)
         else:
@@ -185,7 +184,8 @@ def adapter_refusal(run: Any) -> str | None:
     ``load_run`` rebuilds frozen leaves from the base, so the leaves the run's roles mark
     trainable are exactly the ones that may have moved.
     """
-    if run.mode == "fft":
+    mode = mode_of(run.mode)
+    if mode.adapter == "none":
         return "an fft run has no LoRA experts; use the merged folder"
     if isinstance(run.lora, AdaLoraSpec):
         if next(adalora_triplets(run.params), None) is None or run.rank_pattern is None:
@@ -196,13 +196,7 @@ def adapter_refusal(run: Any) -> str | None:
     roles = jax.tree.leaves(run.roles)  # ParamRole leaves, in the order of tree_paths
     moved = [p for p, role in zip(tree_paths(run.params), roles)
              if role.trainable and role.group != LORA]
-    if moved:
-        reason = (f"{run.mode} trains the base kernels (its FFT expert)"
-                  if run.mode in FFT_EXPERT_MODES else
-                  f"the {run.mode} run also trained {len(moved)} non-LoRA parameters "
-                  f"(e.g. {moved[0]}; train_embeddings_norms)")
-        return f"{reason}, which a LoRA adapter cannot carry; use the merged folder"
-    return None
+    return mode.adapter_refusal(moved) if moved else None
 
 
 def load_run(run_dir, *, score: str | None = None) -> RunArtifacts:
@@ -225,14 +219,16 @@ def load_run(run_dir, *, score: str | None = None) -> RunArtifacts:
       >>> run.params["layers"]["0"]["self_attn"]["q_proj"]["lora_1"]["a"].shape
     """
     run_dir = RunDir(run_dir).require()
-    config = _recorded_config(run_dir, score).replace(mesh="data=1,fsdp=-1,tensor=1")
-    run = assemble_run(config, make_mesh(config.mesh))
+    plan = plan_run(_recorded_config(run_dir, score).replace(mesh="data=1,fsdp=-1,tensor=1"),
+                    training=False)
+    config = plan.config
+    run = assemble_run(plan)
     trainable, frozen = split_trainable(run.params, run.roles)
     checkpointer = RunCheckpointer(run_dir, async_save=False)
     try:
         # AdaLoRA's schedule needs the run's step count: --steps, or the last checkpoint's.
         total_steps = config.steps or checkpointer.latest_step() or 1
-        optimizer, _ = build_optimizer(config, total_steps=total_steps, roles=run.roles)
+        optimizer, _ = plan.mode.optimizer(config, total_steps=total_steps, roles=run.roles)
         opt_state = jax.eval_shape(optimizer.init, trainable)
         opt_state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), opt_state)
         trainable, opt_state, _ = checkpointer.restore(

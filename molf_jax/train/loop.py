@@ -23,18 +23,15 @@ from molf_jax.adalora import (apply_rank_pattern, find_allocator_state, rank_mod
                               rank_pattern)
 from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, encode_records, fixed_lengths,
                            load_task, pad_token_id)
-from molf_jax.lora import expert_key
 from molf_jax.paths import writable_folder, write_replacing
 from molf_jax.run_dir import RunDir, claimed
 from molf_jax.param_roles import expert_labels, split_trainable
 from molf_jax.routing import routing_table
 from molf_jax.train.checkpoint import RunCheckpointer, check_step_count
-from molf_jax.train.config import ROUTED_MODES, ConfigError, TrainConfig
-from molf_jax.train.mesh import (batch_divisor, batch_sharding, initialize_distributed,
-                                 make_mesh, on_mesh)
-from molf_jax.train.modes import build_optimizer
-from molf_jax.train.platform import describe_numerics, with_platform_defaults
-from molf_jax.train.setup import assemble_run, model_identity, training_step
+from molf_jax.train.config import ConfigError, TrainConfig
+from molf_jax.train.mesh import batch_sharding, on_mesh
+from molf_jax.train.plan import RunPlan, plan_run
+from molf_jax.train.setup import Run, assemble_run, model_identity, training_step
 from molf_jax.trees import count_params, join_trees
 from molf_jax.train.runlog import RunLog
 
@@ -113,10 +110,6 @@ def _to_devices(array: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def _expert_labels(config: TrainConfig) -> list[str]:
-    return ["fft"] + [f"{expert_key(i)} (r={r})" for i, r in enumerate(config.ranks, start=1)]
-
-
 def total_optimizer_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     if config.steps is not None:
         return config.steps
@@ -126,97 +119,138 @@ def total_optimizer_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 def train(config: TrainConfig) -> RunSummary:
     """Runs one training job end to end; see `TrainConfig` for every setting.
 
+    The job is five steps: resolve the config into a plan (`plan_run`), assemble the run
+    (`assemble_run`, data, optimizer), resume or start, fit, and finish (evaluation, export,
+    summary).
+
     Example:
       >>> summary = train(TrainConfig(mode="molf", model="qwen2.5-0.5b", steps=10))  # doctest: +SKIP
     """
-    initialize_distributed()
-    run_dir = RunDir(writable_folder(config.out_dir, "--out-dir"))  # a bad path fails first
-    with claimed(run_dir, "train", fresh=not config.resume, lock=jax.process_index() == 0,
-                 say=_say):
-        return _train(config, run_dir)
+    plan = plan_run(config)
+    run_dir = RunDir(writable_folder(plan.config.out_dir, "--out-dir"))  # before any weight
+    with claimed(run_dir, "train", fresh=not plan.config.resume, lock=plan.primary, say=_say):
+        for note in plan.notes:
+            _say(note)
+        job = _assemble(plan, run_dir)
+        _resume_or_start(job)
+        log = _open_log(job)
+        eval_before = job.before.eval_before
+        if job.config.eval_before_after and job.start_step == 0:
+            eval_before = _timed_evaluation("before", job)
+        totals = _fit(job, log, eval_before)
+        eval_after = _timed_evaluation("after", job) if job.config.eval_before_after else None
+        return _finish(job, totals, eval_before, eval_after)
 
 
-def _train(config: TrainConfig, run_dir: RunDir) -> RunSummary:
-    # Every process runs the same steps and saves its shards of each checkpoint; the first one
-    # alone writes the run's other files.
-    primary = jax.process_index() == 0
-    config = with_platform_defaults(config)
-    _say(describe_numerics(config))
-    if jax.process_count() > 1 and (config.eval_before_after or config.export):
-        # Both run on one process's arrays; the checkpoint restores there on any topology.
-        _say(f"{jax.process_count()} processes: evaluation and export are left to one process "
-             f"afterwards: molf-jax export {config.out_dir}; molf-jax eval --model "
-             f"{config.out_dir}/merged")
-        config = config.replace(eval_before_after=False, export=False)
-    mesh = make_mesh(config.mesh)
-    rows_divisor = batch_divisor(mesh)
-    if config.batch_size % rows_divisor:
-        raise ConfigError(f"--batch-size {config.batch_size} must divide over the mesh's "
-                          f"data x fsdp = {rows_divisor} devices")
+@dataclasses.dataclass
+class _Job:
+    """A planned run while it trains: what the five steps of `train` hand to each other."""
 
-    run = assemble_run(config, mesh)
-    source, tokenizer, model, params, roles = (run.source, run.tokenizer, run.model, run.params,
-                                               run.roles)
-    encoded, eval_records = prepare_data(config, tokenizer)
+    plan: RunPlan
+    run: Run
+    run_dir: RunDir
+    examples: int
+    eval_records: list
+    iterator: BatchIterator
+    total_steps: int
+    optimizer: Any
+    schedules: dict
+    params: Any
+    opt_state: Any
+    identity: dict
+    checkpointer: RunCheckpointer
+    start_step: int = 0
+    before: "_RunTotals" = None
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.plan.config
+
+
+def _assemble(plan: RunPlan, run_dir: RunDir) -> _Job:
+    """The run (`assemble_run`), its data, optimizer and fresh optimizer state."""
+    config = plan.config
+    run = assemble_run(plan)
+    encoded, eval_records = prepare_data(config, run.tokenizer)
     # A few fixed batch lengths (the cap and its halvings; the longest example's without a
     # cap): the step compiles at most four times, whatever the data.
     iterator = BatchIterator(
-        encoded, batch_size=config.batch_size, pad_id=pad_token_id(tokenizer), seed=config.seed,
-        max_length=config.length_cap,
+        encoded, batch_size=config.batch_size, pad_id=pad_token_id(run.tokenizer),
+        seed=config.seed, max_length=config.length_cap,
         bucket_batches=PROTOCOL_SETTINGS[config.data_protocol].bucket_batches,
         lengths=fixed_lengths(config.length_cap or max(len(e) for e in encoded)))
     total_steps = total_optimizer_steps(config, iterator.steps_per_epoch)
+    optimizer, schedules = plan.mode.optimizer(config, total_steps, run.roles)
+    trainable, _ = split_trainable(run.params, run.roles)
+    opt_state = on_mesh(jax.jit(optimizer.init)(trainable), plan.mesh)
+    return _Job(plan=plan, run=run, run_dir=run_dir, examples=len(encoded),
+                eval_records=eval_records, iterator=iterator, total_steps=total_steps,
+                optimizer=optimizer, schedules=schedules, params=run.params,
+                opt_state=opt_state, identity=model_identity(config, run.source, run.params),
+                checkpointer=RunCheckpointer(run_dir, keep=config.keep_checkpoints),
+                before=_RunTotals())
 
-    optimizer, schedules = build_optimizer(config, total_steps, roles)
-    trainable, frozen = split_trainable(params, roles)
-    opt_state = on_mesh(jax.jit(optimizer.init)(trainable), mesh)
-    identity = model_identity(config, source, params)
 
-    checkpointer = RunCheckpointer(run_dir, keep=config.keep_checkpoints)
-    start_step, before = 0, _RunTotals()
+def _resume_or_start(job: _Job) -> None:
+    """Restores the latest checkpoint under ``--resume`` (`claimed` has already refused a
+    used directory to a fresh run), then writes the run's config."""
+    config, run_dir, checkpointer = job.config, job.run_dir, job.checkpointer
     if config.resume and checkpointer.latest_step() is None and run_dir.config.is_file():
         _say(f"--resume: {run_dir} has no finished checkpoint; starting the run again from "
              "step 0 (its logs are cleared)")
     elif config.resume:
-        trainable, opt_state, meta = checkpointer.restore(trainable, opt_state,
-                                                          identity=identity, say=_say)
-        params = join_trees(trainable, frozen)
-        opt_state = on_mesh(opt_state, mesh)
-        iterator.restore(meta["data"])
-        start_step, before = int(meta["step"]), _RunTotals.from_meta(meta)
-        _say(f"resuming {run_dir} at step {start_step}")
-        check_step_count(meta, total_steps, reschedule=config.reschedule, say=_say)
-    if primary:
+        trainable, frozen = split_trainable(job.params, job.run.roles)
+        trainable, opt_state, meta = checkpointer.restore(trainable, job.opt_state,
+                                                          identity=job.identity, say=_say)
+        job.params = join_trees(trainable, frozen)
+        job.opt_state = on_mesh(opt_state, job.plan.mesh)
+        job.iterator.restore(meta["data"])
+        job.start_step, job.before = int(meta["step"]), _RunTotals.from_meta(meta)
+        _say(f"resuming {run_dir} at step {job.start_step}")
+        check_step_count(meta, job.total_steps, reschedule=config.reschedule, say=_say)
+    if job.plan.primary:
         write_replacing(run_dir.config, json.dumps(config.to_dict(), indent=1))
 
-    routed = config.mode in ROUTED_MODES
-    log = RunLog(run_dir, tensorboard=config.tensorboard,
-                 resume_step=start_step if config.resume else None, write=primary)
-    if routed:
-        table = routing_table(expert_labels(roles), trainable)
-        log.write_routing_table(table.module_names, _expert_labels(config), table.valid)
-    allocator = find_allocator_state(opt_state)
+
+def _open_log(job: _Job) -> RunLog:
+    """The run's step logs (the routing table and rank modules at their head), and the line
+    that says what trains."""
+    config, run, mode = job.config, job.run, job.plan.mode
+    log = RunLog(job.run_dir, tensorboard=config.tensorboard,
+                 resume_step=job.start_step if config.resume else None, write=job.plan.primary)
+    trainable, _ = split_trainable(job.params, run.roles)
+    if mode.routes:
+        table = routing_table(expert_labels(run.roles), trainable)
+        log.write_routing_table(table.module_names, mode.expert_names(config), table.valid)
+    allocator = find_allocator_state(job.opt_state)
     if allocator is not None:
         log.write_rank_modules(rank_module_names(allocator), config.ranks[0])
-
-    n_trainable, n_total = count_params(trainable), count_params(params)
+    source = run.source
     _say(f"{config.mode}: {source.name} ({type(source.config).__name__}), "
-         f"{n_trainable:,} of {n_total:,} parameters train; task {config.task} "
-         f"({config.source}, protocol {config.data_protocol}), {len(encoded)} examples, "
-         f"{total_steps} optimizer steps of "
-         f"{config.batch_size} x {config.grad_accum} rows; mesh {dict(mesh.shape)}")
+         f"{count_params(trainable):,} of {count_params(job.params):,} parameters train; task "
+         f"{config.task} ({config.source}, protocol {config.data_protocol}), {job.examples} "
+         f"examples, {job.total_steps} optimizer steps of "
+         f"{config.batch_size} x {config.grad_accum} rows; mesh {dict(job.plan.mesh.shape)}")
+    return log
 
-    eval_before = before.eval_before
-    if config.eval_before_after and start_step == 0:
-        t0 = time.time()
-        eval_before = evaluate(config, model, params, tokenizer, eval_records)
-        _say(f"eval before: {_fmt(eval_before)} ({time.time() - t0:.0f}s)")
 
-    step_fn = training_step(config, model, optimizer, roles, params, opt_state)
-    sharding = batch_sharding(mesh)
+def _timed_evaluation(when: str, job: _Job) -> dict[str, float]:
+    t0 = time.time()
+    metrics = evaluate(job.config, job.run.model, job.params, job.run.tokenizer,
+                       job.eval_records)
+    _say(f"eval {when}: {_fmt(metrics)} ({time.time() - t0:.0f}s)")
+    return metrics
 
-    progress = _progress(total_steps, start_step)
-    readback = _Readback(config, log, progress, schedules, total_steps, before)
+
+def _fit(job: _Job, log: RunLog, eval_before: dict | None) -> "_RunTotals":
+    """The training loop from the start step: one jitted step per optimizer step, read back
+    one step behind, checkpoints by step count and by time, the last step always saved."""
+    config, run, total_steps = job.config, job.run, job.total_steps
+    step_fn = training_step(config, run.model, job.optimizer, run.roles, job.params,
+                            job.opt_state)
+    sharding = batch_sharding(job.plan.mesh)
+    progress = _progress(total_steps, job.start_step)
+    readback = _Readback(config, log, progress, job.schedules, total_steps, job.before)
     started = last_save = time.time()
 
     def save(step):
@@ -226,61 +260,62 @@ def _train(config: TrainConfig, run_dir: RunDir) -> RunSummary:
         readback.drain(keep=0)
         readback.flush_interval()
         log.flush()
-        train_now, _ = split_trainable(params, roles)
-        checkpointer.save(step, train_now, opt_state, {
-            "step": step, "total_steps": total_steps, "data": iterator.state(),
-            "seed": config.seed, "identity": identity,
+        train_now, _ = split_trainable(job.params, run.roles)
+        job.checkpointer.save(step, train_now, job.opt_state, {
+            "step": step, "total_steps": total_steps, "data": job.iterator.state(),
+            "seed": config.seed, "identity": job.identity,
             **readback.totals(time.time() - started, eval_before)._asdict()})
         last_save = time.time()
         readback.restart_clock()
 
     try:
-        for step in range(start_step, total_steps):
-            micro = _stack_micro([next(iterator) for _ in range(config.grad_accum)])
+        for step in range(job.start_step, total_steps):
+            micro = _stack_micro([next(job.iterator) for _ in range(config.grad_accum)])
             tokens = int(micro["attention_mask"].sum())
             batch = {k: _to_devices(v, sharding) for k, v in micro.items()}
             batch["step"] = np.int32(step)
-            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            job.params, job.opt_state, metrics = step_fn(job.params, job.opt_state, batch)
             readback.pending.append((step, metrics, tokens))
             # Read back the previous step while this one runs.
             readback.drain(keep=1)
             if step + 1 < total_steps and _save_due(config, step + 1, last_save):
                 save(step + 1)
-        if start_step < total_steps:
+        if job.start_step < total_steps:
             save(total_steps)
-        checkpointer.wait()
+        job.checkpointer.wait()
     finally:
         progress.close()
         log.close()
-        checkpointer.close()
-    totals = readback.totals(time.time() - started, eval_before)
+        job.checkpointer.close()
+    return readback.totals(time.time() - started, eval_before)
 
-    eval_after = None
-    if config.eval_before_after:
-        t0 = time.time()
-        eval_after = evaluate(config, model, params, tokenizer, eval_records)
-        _say(f"eval after: {_fmt(eval_after)} ({time.time() - t0:.0f}s)")
 
+def _finish(job: _Job, totals: "_RunTotals", eval_before: dict | None,
+            eval_after: dict | None) -> RunSummary:
+    """The summary, the exports (merged folder, adapter) and ``summary.json``."""
+    config, run = job.config, job.run
+    trainable, _ = split_trainable(job.params, run.roles)
     summary = RunSummary(
-        mode=config.mode, model=source.name, steps=total_steps, tokens=totals.tokens,
-        seconds=round(totals.seconds, 2), trainable_params=n_trainable, total_params=n_total,
-        final_loss=totals.final_loss, skipped_steps=totals.skipped, eval_before=eval_before,
-        eval_after=eval_after, run_dir=str(run_dir))
+        mode=config.mode, model=run.source.name, steps=job.total_steps, tokens=totals.tokens,
+        seconds=round(totals.seconds, 2), trainable_params=count_params(trainable),
+        total_params=count_params(job.params), final_loss=totals.final_loss,
+        skipped_steps=totals.skipped, eval_before=eval_before, eval_after=eval_after,
+        run_dir=str(job.run_dir))
     if config.export and jax.process_index() == 0:
         from molf_jax.train.export import RunArtifacts, export_artifacts
 
-        artifacts = RunArtifacts(config=config, model_config=source.config, params=params,
-                                 lora=run.lora, roles=roles, mode=config.mode,
-                                 source_dir=source.hf_dir, tokenizer=tokenizer,
-                                 total_steps=total_steps)
-        if allocator is not None:
-            artifacts.params = apply_rank_pattern(params, opt_state)
-            artifacts.rank_pattern = rank_pattern(opt_state)
-        written, note = export_artifacts(artifacts, run_dir)
+        artifacts = RunArtifacts(config=config, model_config=run.source.config,
+                                 params=job.params, lora=run.lora, roles=run.roles,
+                                 mode=config.mode, source_dir=run.source.hf_dir,
+                                 tokenizer=run.tokenizer, total_steps=job.total_steps)
+        if find_allocator_state(job.opt_state) is not None:
+            artifacts.params = apply_rank_pattern(job.params, job.opt_state)
+            artifacts.rank_pattern = rank_pattern(job.opt_state)
+        written, note = export_artifacts(artifacts, job.run_dir)
         summary.merged_dir = str(written["merged"])
         summary.adapter_dir = str(written["adapter"]) if "adapter" in written else None
-    if primary:
-        write_replacing(run_dir.summary, json.dumps(dataclasses.asdict(summary), indent=1))
+    if job.plan.primary:
+        write_replacing(job.run_dir.summary, json.dumps(dataclasses.asdict(summary), indent=1))
     _print_summary(summary)
     return summary
 

@@ -1,8 +1,9 @@
-"""A run assembled from its config in one place: model source, tokenizer, params, model, roles.
+"""A run assembled from its plan in one place: model source, tokenizer, params, model, roles.
 
-`assemble_run` serves the training loop (`molf_jax.train.loop`), `load_run` (export) and
-`scripts/reproduce.py`; `training_model` and `training_step` build the model and the jitted step
-that the loop runs and `scripts/bench.py` times.
+`assemble_run` is the one assembly path: the training loop (`molf_jax.train.loop`), `load_run`
+(export), the reproduction, `scripts/bench.py` and the tests' tiny runs all build their run
+here (the bench and the tests with a random-init model of their own shape). `training_step`
+builds the jitted step that the loop runs and the bench times.
 """
 
 from __future__ import annotations
@@ -24,20 +25,25 @@ from molf_jax.adalora import AdaLoraSpec, add_adalora
 from molf_jax.checkpoints import load_hf
 from molf_jax.checkpoints.hf import check_tokenizer_files
 from molf_jax.lora import LoraSpec, add_lora_experts, lora_paths
-from molf_jax.train.config import FFT_EXPERT_MODES, ROUTED_MODES, ConfigError, TrainConfig
+from molf_jax.train.config import ConfigError, TrainConfig
 from molf_jax.train.mesh import param_sharding
-from molf_jax.train.modes import lora_spec, loss_regularizer, mode_roles
-from molf_jax.train.platform import with_platform_defaults
+from molf_jax.train.modes import mode_of
+from molf_jax.train.plan import RunPlan
 from molf_jax.train.step import jit_train_step, make_train_step
 from molf_jax.trees import tree_paths
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSource", "Run", "assemble_run", "resolve_model", "load_tokenizer",
-           "build_params", "add_mode_adapters", "dtype_of", "training_model", "training_step", "model_identity"]
+           "build_params", "add_mode_adapters", "dtype_of", "training_model", "training_step",
+           "model_identity"]
 
 
 def dtype_of(name: str):
+    """The jnp dtype of a resolved config's dtype setting."""
+    if name is None:
+        raise ConfigError("a dtype left to the platform: pass the config through "
+                          "molf_jax.train.resolve_config (or plan_run) first")
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
@@ -85,13 +91,14 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(str(source.hf_dir))
 
 
-def build_params(config: TrainConfig, source: ModelSource, mesh, *, rng: jax.Array
-                 ) -> tuple[Any, LoraSpec | AdaLoraSpec | None]:
+def build_params(config: TrainConfig, source: ModelSource, mesh, *,
+                 keys: tuple[jax.Array, jax.Array]) -> tuple[Any, LoraSpec | AdaLoraSpec | None]:
     """Base params (loaded straight onto the mesh, or random) plus the mode's LoRA experts
-    (or AdaLoRA triplets)."""
-    param_dtype = dtype_of(with_platform_defaults(config).param_dtype)
+    (or AdaLoRA triplets), for a resolved config; ``keys`` draw the random base and the
+    adapters."""
+    param_dtype = dtype_of(config.param_dtype)
     rule = param_sharding(mesh)
-    base_key, lora_key = jax.random.split(rng)
+    base_key, lora_key = keys
     if source.hf_dir is not None:
         _, params = load_hf(source.hf_dir, param_dtype=param_dtype,
                             scan_layers=config.scan_layers, shardings=rule)
@@ -118,7 +125,7 @@ def add_mode_adapters(config: TrainConfig, params: Any, rng: jax.Array, rule=Non
     """
     place = (lambda tree: tree) if rule is None else (
         lambda tree: jax.tree.map(lambda x: jax.device_put(x, rule("", x.shape)), tree))
-    spec = lora_spec(config)
+    spec = mode_of(config).lora_spec(config)
     if isinstance(spec, AdaLoraSpec):
         try:
             params = add_adalora(params, spec, rng)
@@ -140,13 +147,14 @@ class Run:
     """What a run is made of before it trains.
 
     Attributes:
-      config: the `TrainConfig`.
+      config: the resolved `TrainConfig` (`molf_jax.train.resolve_config`).
       source: where the base model comes from (`ModelSource`: name, HF folder, model config).
       tokenizer: the folder's tokenizer (byte-level for random-init presets).
       model: the training model (`training_model`), with the mode's LoRA experts.
       params: base params on the mesh plus the mode's adapters.
       lora: the mode's `LoraSpec` (`AdaLoraSpec` for adalora, None for fft).
       roles: every leaf's `ParamRole` (`mode_roles`: what trains, which expert, which group).
+      mesh: the device mesh the params live on.
     """
 
     config: TrainConfig
@@ -156,33 +164,52 @@ class Run:
     params: Any
     lora: LoraSpec | AdaLoraSpec | None
     roles: Any
+    mesh: Any = None
 
 
-def assemble_run(config: TrainConfig, mesh) -> Run:
-    """Resolves the model, loads the params onto ``mesh`` with the mode's LoRA experts (keyed
-    by ``config.seed``), builds the training model, loads the tokenizer and computes the
-    parameter roles.
+def assemble_run(plan: RunPlan, *, source: ModelSource | None = None,
+                 keys: tuple[jax.Array, jax.Array] | None = None, abstract: bool = False,
+                 ) -> Run:
+    """Builds a planned run: the model source, the params on the plan's mesh with the mode's
+    LoRA experts, the training model, the tokenizer and the parameter roles.
+
+    Args:
+      plan: the run's `molf_jax.train.RunPlan` (`plan_run(config)`).
+      source: the base model; default ``resolve_model(plan.config.model)``. A `ModelSource`
+        with no ``hf_dir`` initialises a random model of its config's shape (the bench and the
+        tests pass one).
+      keys: ``(base, adapters)`` random keys; default the split of ``key(config.seed)``.
+      abstract: params as ``jax.ShapeDtypeStruct`` with their shardings, no array made (to
+        lower or compile the step without memory).
 
     Example:
-      >>> run = assemble_run(TrainConfig(mode="molfe"), make_mesh("fsdp=-1"))   # doctest: +SKIP
+      >>> run = assemble_run(plan_run(TrainConfig(mode="molfe")))               # doctest: +SKIP
       >>> optimizer, schedules = build_optimizer(run.config, 100, run.roles)    # doctest: +SKIP
     """
-    source = resolve_model(config.model)
-    params, spec = build_params(config, source, mesh, rng=jax.random.key(config.seed))
+    config, mesh = plan.config, plan.mesh
+    source = source if source is not None else resolve_model(config.model)
+    if keys is None:
+        keys = tuple(jax.random.split(jax.random.key(config.seed)))
+    spec = plan.mode.lora_spec(config)
+    if abstract:
+        rule = param_sharding(mesh)
+        shapes = jax.eval_shape(lambda: build_params(config, source, mesh, keys=keys)[0])
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=rule("", x.shape)), shapes)
+    else:
+        params, spec = build_params(config, source, mesh, keys=keys)
     return Run(config=config, source=source, tokenizer=load_tokenizer(source),
                model=training_model(config, source.config, spec), params=params, lora=spec,
-               roles=mode_roles(config, params))
+               roles=plan.mode.roles(config, params), mesh=mesh)
 
 
 def training_model(config: TrainConfig, model_config: Any, spec: LoraSpec | None):
-    """The model a training step runs: the config's LoRA experts, remat, attention kernel and
-    dtypes (the platform's where the config leaves them None). The trainer and
-    `scripts/bench.py` both build their model here.
+    """The model a training step runs: the resolved config's LoRA experts, remat, attention
+    kernel and dtypes. The trainer and `scripts/bench.py` both build their model here.
 
     Example:
       >>> model = training_model(config, source.config, lora_spec(config))   # doctest: +SKIP
     """
-    config = with_platform_defaults(config)
     return models.build_model(model_config, lora=spec, scan_layers=config.scan_layers,
                               remat=config.remat, dtype=dtype_of(config.compute_dtype),
                               param_dtype=dtype_of(config.param_dtype),
@@ -198,12 +225,12 @@ def training_step(config: TrainConfig, model, optimizer, roles: Any, params: Any
     Example:
       >>> step = training_step(config, model, optimizer, roles, params, opt_state)  # doctest: +SKIP
     """
+    mode = mode_of(config)
     return jit_train_step(make_train_step(
         model, optimizer, roles=roles, seed=config.seed, loss_chunk=config.loss_chunk,
-        dropout=config.mode != "fft" and config.lora_dropout > 0,
-        route_fft_column=config.mode in FFT_EXPERT_MODES,
-        return_routing=config.mode in ROUTED_MODES and config.routing_log_every > 0,
-        regularizer=loss_regularizer(config)), params, opt_state)
+        dropout=mode.dropout(config), route_fft_column=mode.routes and mode.fft_expert,
+        return_routing=mode.routes and config.routing_log_every > 0,
+        regularizer=mode.regularizer(config)), params, opt_state)
 
 
 def model_identity(config: TrainConfig, source: ModelSource, params: Any) -> dict:

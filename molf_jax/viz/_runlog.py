@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from molf_jax.run_dir import RunDir
-from molf_jax.train.config import ROUTED_MODES
+from molf_jax.train.modes import MODES
 
 __all__ = ["RoutingLog", "RunRecord", "layer_of", "projection_of", "read_run"]
 
@@ -113,7 +113,7 @@ def read_run(run_dir: str | os.PathLike) -> RunRecord:
         raise ValueError(f"{files.config}: expected a JSON object")
     steps, loss = _read_metrics(files.metrics)
     routing = None
-    routed = config.get("mode") in ROUTED_MODES
+    routed = config.get("mode") in MODES and MODES[config["mode"]].routes
     if routed or files.routing_table.exists():
         routing = _read_routing(files)
     return RunRecord(files.path, config, steps, loss, routing)

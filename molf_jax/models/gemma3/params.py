@@ -6,7 +6,7 @@ Multimodal checkpoints name the text tower ``model.language_model.*`` (5.x) or
 ``language_model.model.*`` (4.x); the loader maps those prefixes onto ``model.*``.
 """
 
-from molf_jax.models.layers import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from molf_jax.projections import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 
 _LINEARS = (*(f"self_attn.{p}" for p in ATTENTION_PROJECTIONS),
             *(f"mlp.{p}" for p in MLP_PROJECTIONS))

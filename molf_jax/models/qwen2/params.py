@@ -6,7 +6,7 @@ Each row: (HF name, Flax path, transpose). ``{i}`` is the layer index; with scan
 Rows whose Flax path the model lacks (``lm_head`` when embeddings are tied) are skipped.
 """
 
-from molf_jax.models.layers import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
+from molf_jax.projections import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 
 _LINEARS = (*(f"self_attn.{p}" for p in ATTENTION_PROJECTIONS),
             *(f"mlp.{p}" for p in MLP_PROJECTIONS))
