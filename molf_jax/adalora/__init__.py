@@ -4,10 +4,12 @@ SVD-form adapters ``W + s * (a * e) @ b`` on the target linears, an orthogonalit
 the loss, and the rank allocator as an optax wrapper around the inner AdamW.
 
 Example:
-  >>> spec = AdaLoraSpec(init_r=12, alpha=8)
-  >>> params = add_adalora(params, spec, jax.random.key(0))                  # doctest: +SKIP
-  >>> tx = adalora_allocate(optax.adamw(5e-4), AdaLoraSchedule(total_step=1000))
-  >>> loss = task_loss + 0.5 * orth_regularizer(params)                      # doctest: +SKIP
+  >>> import jax, numpy as np, optax
+  >>> params = {"q_proj": {"kernel": np.zeros((16, 8), np.float32)}}
+  >>> params = add_adalora(params, AdaLoraSpec(init_r=4, alpha=8), jax.random.key(0))
+  >>> tx = adalora_allocate(optax.adamw(5e-4), AdaLoraSchedule(total_step=1000, target_r=2))
+  >>> float(orth_regularizer(params)) >= 0.0   # added to the loss with a weight (peft's 0.5)
+  True
 """
 
 # Adapters

@@ -61,7 +61,7 @@ class AdaLoraSchedule:
 
     Example:
       >>> AdaLoraSchedule(total_step=100, tinit=10, tfinal=20).budget(50, modules=2)
-      (18, True)
+      (16, True)
     """
 
     total_step: int

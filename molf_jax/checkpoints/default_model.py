@@ -47,8 +47,8 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
       `molf_jax.checkpoints`.
 
     Example:
-      >>> folder = default_model_dir()
-      >>> tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+      >>> folder = default_model_dir()                                      # doctest: +SKIP
+      >>> tokenizer = transformers.AutoTokenizer.from_pretrained(folder)    # doctest: +SKIP
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / DEFAULT_MODEL_NAME

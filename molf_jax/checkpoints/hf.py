@@ -172,7 +172,8 @@ def load_hf_params(hf_dir: str | os.PathLike, config: DecoderConfig, *,
     Example:
       >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))   # doctest: +SKIP
       >>> spec = lambda path, shape: NamedSharding(mesh, P("fsdp") if len(shape) > 1 else P())
-      >>> params = load_hf_params("Qwen2.5-1.5B", load_config("Qwen2.5-1.5B"), shardings=spec)
+      >>> params = load_hf_params("Qwen2.5-1.5B", load_config("Qwen2.5-1.5B"),
+      ...                         shardings=spec)                        # doctest: +SKIP
     """
     hf_dir = Path(hf_dir)
     model = build_model(config, scan_layers=scan_layers, param_dtype=param_dtype)
@@ -316,7 +317,7 @@ def load_hf(hf_dir: str | os.PathLike, *, param_dtype: Any = jnp.float32,
 
     Example:
       >>> config, params = load_hf("gemma-3-1b-pt", param_dtype=jnp.bfloat16)   # doctest: +SKIP
-      >>> logits = build_model(config).apply({"params": params}, ids, mask)
+      >>> logits = build_model(config).apply({"params": params}, ids, mask)       # doctest: +SKIP
     """
     config = load_config(hf_dir)
     if check_tokenizer:

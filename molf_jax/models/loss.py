@@ -46,7 +46,7 @@ def next_token_loss(model, params: Any, input_ids: jax.Array, attention_mask: ja
 
     Example:
       >>> total, count = next_token_loss(model, params, ids, mask, mask)   # doctest: +SKIP
-      >>> mean_loss = total / count
+      >>> mean_loss = total / count                                        # doctest: +SKIP
     """
     hidden = model.apply({"params": params}, input_ids, attention_mask,
                          deterministic=dropout_key is None, return_hidden=True,
@@ -76,7 +76,7 @@ def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: 
 
     Example:
       >>> total, count = next_token_loss_sum(h, w, ids, mask)   # doctest: +SKIP
-      >>> mean_loss = total / count
+      >>> mean_loss = total / count                             # doctest: +SKIP
     """
     b, t, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)

@@ -53,6 +53,7 @@ def molf_gate(labels: Any, *, top_k: int = 1, decay: float = 0.9) -> optax.Gradi
       decay: EMA decay of the per-expert mean squared gradient.
 
     Example:
+      >>> from molf_jax.routing import label_lora_experts
       >>> tx = optax.chain(molf_gate(label_lora_experts), optax.adamw(1e-3))
     """
     _check_top_k_type(top_k)

@@ -94,6 +94,10 @@ def molf_adamw(
         checks ``molf-jax train`` makes on the same settings).
 
     Example:
+      >>> import numpy as np
+      >>> from molf_jax.routing import label_lora_experts
+      >>> params = {"q_proj": {"kernel": np.ones((4, 4), np.float32), "lora_1": {
+      ...     "a": np.ones((4, 2), np.float32), "b": np.zeros((2, 4), np.float32)}}}
       >>> tx = molf_adamw(label_lora_experts, fft_learning_rate=1e-4, lora_learning_rate=5e-4)
       >>> # Rates in the state, readable and changeable at run time (EPD reads them there):
       >>> tx = optax.inject_hyperparams(molf_adamw)(label_lora_experts(params),

@@ -76,9 +76,13 @@ def molf_route(
       A gradient transformation whose state is a `MolfRouteState`; pass ``params`` to update.
 
     Example:
+      >>> import numpy as np
+      >>> from molf_jax.routing import label_lora_experts
+      >>> params = {"q_proj": {"kernel": np.ones((4, 4), np.float32), "lora_1": {
+      ...     "a": np.ones((4, 2), np.float32), "b": np.zeros((2, 4), np.float32)}}}
       >>> tx = molf_route(optax.adamw(1e-3), label_lora_experts, learning_rate=1e-3)
       >>> state = tx.init(params)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> updates, state = tx.update(jax.tree.map(np.ones_like, params), state, params)
       >>> # The rate read from the inner optimizer, which may then change it at run time:
       >>> tx = molf_route(optax.inject_hyperparams(optax.adamw)(1e-3), label_lora_experts)
     """

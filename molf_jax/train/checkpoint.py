@@ -49,8 +49,8 @@ class RunCheckpointer:
 
     Example:
       >>> ckpt = RunCheckpointer("runs/x", keep=2)                  # doctest: +SKIP
-      >>> ckpt.save(100, params, opt_state, {"data": it.state()})
-      >>> params, opt_state, meta = ckpt.restore(params, opt_state)
+      >>> ckpt.save(100, params, opt_state, {"data": it.state()})   # doctest: +SKIP
+      >>> params, opt_state, meta = ckpt.restore(params, opt_state)  # doctest: +SKIP
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, keep: int = 2, async_save: bool = True):

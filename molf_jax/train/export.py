@@ -216,7 +216,7 @@ def load_run(run_dir, *, score: str | None = None) -> RunArtifacts:
 
     Example:
       >>> run = load_run("runs/molf")                                 # doctest: +SKIP
-      >>> run.params["layers"]["0"]["self_attn"]["q_proj"]["lora_1"]["a"].shape
+      >>> run.params["layers"]["0"]["self_attn"]["q_proj"]["lora_1"]["a"].shape  # doctest: +SKIP
     """
     run_dir = RunDir(run_dir).require()
     plan = plan_run(_recorded_config(run_dir, score).replace(mesh="data=1,fsdp=-1,tensor=1"),

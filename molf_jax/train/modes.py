@@ -307,8 +307,13 @@ def mode_roles(config: Any, params: Any) -> Any:
     as the table above says, which expert each leaf is, and its AdamW group.
 
     Example:
-      >>> roles = mode_roles(TrainConfig(mode="molfe"), params)           # doctest: +SKIP
-      >>> trainable, frozen = split_trainable(params, roles)
+      >>> import numpy as np
+      >>> from molf_jax.train import TrainConfig, split_trainable
+      >>> params = {"q_proj": {"kernel": np.ones((4, 4)),
+      ...           "lora_1": {"a": np.ones((4, 2)), "b": np.zeros((2, 4))}}}
+      >>> trainable, frozen = split_trainable(params, mode_roles(TrainConfig(mode="lora"), params))
+      >>> list(trainable["q_proj"]), list(frozen["q_proj"])
+      (['lora_1'], ['kernel'])
     """
     return mode_of(config).roles(config, params)
 
