@@ -278,8 +278,8 @@ def value_checksums(tree: Any) -> dict[str, str]:
     host.
 
     Example:
-      >>> value_checksums({"w": jnp.ones((2, 2))})
-      {"['w']": '00000000'}                                    # doctest: +SKIP
+      >>> sorted(value_checksums({"w": jnp.ones((2, 2))}))
+      ["['w']"]
     """
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     sums = jax.tree.leaves(_checksum_tree(tree))
