@@ -17,9 +17,8 @@ from molf_jax.train.mesh import batch_sharding, param_sharding
 from molf_jax.train.platform import with_platform_defaults
 from molf_jax.train.setup import training_step
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench  # noqa: E402
-import bench_table  # noqa: E402
+from molf_jax.benchmarks import step as bench
+from molf_jax.benchmarks import tables as bench_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,16 +1,13 @@
-"""scripts/collectives.py: the HLO walker's byte counts, and bench's step on 4 of the devices."""
-
-import sys
-from pathlib import Path
+"""molf_jax.benchmarks.collectives (scripts/collectives.py): the HLO walker's byte counts, and
+the benchmark's step on 4 of the devices."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench  # noqa: E402
-import collectives  # noqa: E402
+from molf_jax.benchmarks import collectives
+from molf_jax.benchmarks import step as bench
 
 
 def test_walker_counts_each_kind_with_ring_bytes_and_loop_trips():

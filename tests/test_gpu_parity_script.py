@@ -1,17 +1,12 @@
-"""scripts/gpu_parity.py on CPU: its comparisons pass on the XLA path and catch a cuDNN window one
-key too wide (the kernel's call routed to JAX's XLA implementation, which reads the same
-arguments)."""
-
-import sys
-from pathlib import Path
+"""molf_jax.benchmarks.gpu_parity (scripts/gpu_parity.py) on CPU: its comparisons pass on the
+XLA path and catch a cuDNN window one key too wide (the kernel's call routed to JAX's XLA
+implementation, which reads the same arguments)."""
 
 import jax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import gpu_parity  # noqa: E402
-
-from molf_jax.models import layers  # noqa: E402
+from molf_jax.benchmarks import gpu_parity
+from molf_jax.models import layers
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ LAYERS = (
     ("molf_jax.models",),
     ("molf_jax.param_roles",),
     ("molf_jax.train",),
-    ("molf_jax.cli", "molf_jax.experiments"),
+    ("molf_jax.cli", "molf_jax.experiments", "molf_jax.benchmarks"),
 )
 
 
