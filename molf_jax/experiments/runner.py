@@ -1,8 +1,14 @@
 """Runs a reproduction plan in one process: the model loaded once, one vmapped program per mode
 configuration, every member scored in large batches, one row per (method, setting, seed).
 
+Only what the results use is scored: every setting on the first seed (validation chooses
+among them, `molf_jax.experiments.stats.choose_settings`), and on later seeds only the chosen
+setting. A program trains its members on every seed at once (one compilation), first-seed
+members first, so the choice is made before a later seed is scored; a later-seed member of a
+setting that was not chosen is trained with the others and then dropped unscored.
+
 Rows are written to ``OUT/rows/*.json`` as they come, so a killed sweep resumes where it
-stopped (a program whose rows all exist is skipped). A program that fails is retried once,
+stopped (a program whose needed rows all exist is skipped). A program that fails is retried once,
 with its members split in two halves when the device ran out of memory; what still fails is
 listed in ``failed_runs``, never left out silently.
 """
@@ -72,7 +78,7 @@ class Runner:
 
     def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
                  score_batch: int = 256,
-                 retention: bool = True, compile_ahead: int = 3, remat: str = "none",
+                 retention: bool = True, compile_ahead: int = 4, remat: str = "none",
                  reserve_gib: float = 8.0):
         from molf_jax import models
         from molf_jax.checkpoints import load_hf
@@ -101,6 +107,10 @@ class Runner:
         self.timings: dict[str, Any] = {"load_seconds": round(time.time() - started, 1),
                                         "programs": {}}
         self.failed: list[str] = []
+        # First-seed rows (task, method, label, seed, val) seen so far: they choose the setting
+        # whose later seeds are scored.
+        self._first_rows: list[dict] = []
+        self._first_seed: int | None = None
         # Wall time of the plan: the first program's start to the last row written.
         self.first_start: float | None = None
         self.last_row: float | None = None
@@ -200,8 +210,12 @@ class Runner:
         k = len(members)
         while k > 1 and not self._fits(build(k)):
             k = -(-k // 2)
+        # Equal chunks, the last padded with repeats of its own members (trained, never
+        # scored): one compilation serves every chunk.
+        n = -(-len(members) // k)
+        k = -(-len(members) // n)
         chunks = [members[i:i + k] for i in range(0, len(members), k)]
-        return [(chunk, build(len(chunk))) for chunk in chunks]
+        return [(chunk, build(k)) for chunk in chunks]
 
     def _fits(self, program) -> bool:
         import jax
@@ -226,15 +240,27 @@ class Runner:
 
         members = list(members or program.members)
         config = self._config(program, data.size, steps)
+        # A compiled program of more members than this chunk: pad with repeats (not scored).
+        padded = members + [members[i % len(members)] for i in
+                            range((compiled.num_members if compiled else 0) - len(members))]
         started = time.time()
         self.first_start = self.first_start or started
         result = train_members(config, self.source.config, self.base_params,
-                               [data.train[m.seed] for m in members], members,
+                               [data.train[m.seed] for m in padded], padded,
                                pad_id=pad_token_id(self.tokenizer), lengths=(data.length,),
                                program=compiled)
         trained = time.time()
         rows = []
-        for k, member in enumerate(members):
+        scored_members = 0
+        # First-seed members first: their validation chooses which later seeds to score.
+        for k in sorted(range(len(members)), key=lambda i: members[i].seed != self._first_seed):
+            member = members[k]
+            index = program.members.index(member)
+            wanted = [(method, label) for method, label in program.methods[index]
+                      if self.needed(program.task, method, label, member.seed)]
+            if not wanted:
+                continue
+            scored_members += 1
             params = member_params(result, k)
             if mode_of(config).adapter == "adalora":
                 params = apply_rank_pattern(params, jax.tree.map(lambda x: x[k],
@@ -251,21 +277,41 @@ class Runner:
                       "train_loss": float(np.mean(finite[-max(1, len(finite) // 10):]))
                       if len(finite) else None,
                       "routing": _routing_summary(result, k, config.mode), **scored}
-            index = program.members.index(member)
-            for method, label in program.methods[index]:
+            for method, label in wanted:
                 rows.append({**common, "method": method, "label": label,
                              "setting": {"mode": config.mode, "fft_lr": member.fft_lr,
                                          "lora_lr": member.lora_lr}})
+                if member.seed == self._first_seed:
+                    self._first_rows.append({"task": program.task, "method": method,
+                                             "label": label, "seed": member.seed,
+                                             "val": scored["val"]})
         del result
         timing = self.timings["programs"].setdefault(program.name, {})
         stats = jax.local_devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             timing["peak_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 1)
         timing.update(members=timing.get("members", 0) + len(members),
+                      scored=timing.get("scored", 0) + scored_members,
                       train_seconds=round(timing.get("train_seconds", 0) + trained - started, 1),
                       score_seconds=round(timing.get("score_seconds", 0) + time.time() - trained,
                                           1))
         return rows
+
+    def needed(self, task: str, method: str, label: str, seed: int) -> bool:
+        """Whether the results use this row: every setting on the first seed; on a later seed
+        only the setting the first seed's validation chose (`choose_settings`), and for a
+        method outside the tuned grids (the routing study) its one setting."""
+        from molf_jax.experiments.stats import choose_settings
+
+        grids = grid_labels()
+        if seed == self._first_seed or method not in grids:
+            return True
+        chosen = choose_settings([r for r in self._first_rows if r["task"] == task], grids,
+                                 seed=self._first_seed).get((task, method))
+        if chosen is None:
+            raise RuntimeError(f"{task} {method}: seed {seed} is scored before the first seed "
+                               f"chose a setting (first-seed members run first)")
+        return label == chosen
 
     def base_row(self, task: str, data: TaskData, seed: int) -> dict:
         scored = self.score(task, self.base_params, data, seed)
@@ -276,12 +322,23 @@ class Runner:
 
     def run(self, plan: Plan, *, steps: int | None = None) -> list[dict]:
         """Runs every program of ``plan`` that has rows missing; returns all rows on disk."""
-        first = plan.seeds[0]
+        first = self._first_seed = plan.seeds[0]
         for task in plan.tasks:
-            have = {row_name(r) for r in read_rows(self.out_dir)}
-            todo = [p for p in programs(plan, task)
-                    if not all(row_name({"task": task, "method": m, "label": lab, "seed": s.seed})
-                               in have for s, ms in zip(p.members, p.methods) for m, lab in ms)]
+            on_disk = read_rows(self.out_dir)
+            have = {row_name(r) for r in on_disk}
+            self._first_rows = [r for r in on_disk if r["seed"] == first and "val" in r]
+
+            def done(p: Program) -> bool:
+                pairs = [(s.seed, m, lab) for s, ms in zip(p.members, p.methods)
+                         for m, lab in ms]
+                firsts = [x for x in pairs if x[0] == first]
+                if not all(row_name({"task": task, "method": m, "label": lab, "seed": s})
+                           in have for s, m, lab in firsts):
+                    return False
+                return all(row_name({"task": task, "method": m, "label": lab, "seed": s})
+                           in have for s, m, lab in pairs if self.needed(task, m, lab, s))
+
+            todo = [p for p in programs(plan, task) if not done(p)]
             base_done = row_name({"task": task, "method": "base", "label": "base",
                                   "seed": first}) in have
             if not todo and base_done:
