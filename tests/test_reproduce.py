@@ -188,3 +188,29 @@ def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--render",
                             "--out-dir", str(out)], capture_output=True, text=True, check=True)
     assert again.stdout.strip() == tables.strip()
+
+
+def test_a_program_too_large_for_the_device_runs_in_equal_chunks_with_the_same_rows(tmp_path,
+                                                                                     monkeypatch):
+    """Three fft members where two fit: chunks of 2 and 1 (padded to 2, one compilation), the
+    padding never scored, and every row equal to the run made in one piece."""
+    from molf_jax.experiments.runner import Runner
+
+    model = tiny_hf_folder(tmp_path / "model")
+    plan = experiments.Plan(("fact",), ("fft",), (0,), preset="smoke", study=False)
+
+    def rows_of(out, fits):
+        if fits is not None:
+            monkeypatch.setattr(Runner, "_fits", fits)
+        runner = Runner(str(model), out, compute_dtype="float32", retention=False)
+        rows = [r for r in runner.run(plan, steps=2) if r["method"] == "fft"]
+        return runner.timings["programs"]["fact__fft"], {r["label"]: r for r in rows}
+
+    whole, expected = rows_of(tmp_path / "whole", None)
+    split, got = rows_of(tmp_path / "split", lambda self, program: program.num_members <= 2)
+    assert whole["chunks"] == [3] and split["chunks"] == [2, 1]
+    assert sorted(split["compile_seconds"]) == ["2", "3"] and split["scored"] == 3
+    assert sorted(got) == sorted(GRIDS["fft"])
+    for label, row in expected.items():
+        assert got[label]["test_cases"] == pytest.approx(row["test_cases"], abs=1e-6)
+        assert got[label]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-5)

@@ -203,8 +203,12 @@ class Runner:
 
         def build(k: int):
             if k not in built:
+                started = time.time()
                 built[k] = MemberProgram(config, self.source.config, self.base_params, k, total,
                                          shape).compile()
+                timing = self.timings["programs"].setdefault(program.name, {})
+                timing.setdefault("compile_seconds", {})[str(k)] = round(time.time() - started,
+                                                                         1)
             return built[k]
 
         k = len(members)
@@ -349,9 +353,14 @@ class Runner:
             # Programs compile in threads ahead of the one training (XLA compiles on the host).
             pool = ThreadPoolExecutor(max_workers=self.compile_ahead)
             futures = [pool.submit(self.compiled, p, data, steps) for p in todo]
+            timing = self.timings.setdefault("tasks", {}).setdefault(task, {})
+            timing["data_seconds"] = round(time.time() - t0, 1)
             if not base_done:
                 self.first_start = self.first_start or time.time()
+                t1 = time.time()
                 self._write([self.base_row(task, data, first)])
+                # The base model's scores, with the scoring functions' first compilations.
+                timing["base_seconds"] = round(time.time() - t1, 1)
             for program, future in zip(todo, futures):
                 self._write(self._with_retry(program, data, steps, future))
             pool.shutdown()

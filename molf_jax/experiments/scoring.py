@@ -73,8 +73,10 @@ def _fact_cases(model, params, tokenizer, records, batch_size: int) -> dict[str,
 def _sql_cases(model, params, tokenizer, records, batch_size: int) -> dict[str, list[float]]:
     token_lists = [prompt_ids(tokenizer, sql_example(r).prompt) for r in records]
     texts = [""] * len(records)
+    # Prompts padded to a multiple of 128: the generation loop compiles for few lengths.
     for index, ids, mask in prompt_batches(token_lists, batch_size=batch_size,
-                                           pad_id=pad_token_id(tokenizer)):
+                                           pad_id=pad_token_id(tokenizer),
+                                           pad_to_multiple_of=128):
         out = greedy_generate(model, params, ids, mask, max_new_tokens=SQL_MAX_NEW_TOKENS,
                               eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=pad_token_id(tokenizer))
