@@ -4,6 +4,7 @@ paired intervals, forgetting, and the routing study; the harness is `molf_jax.ex
   python scripts/reproduce.py                    # the whole plan (one 80 GB GPU)
   python scripts/reproduce.py --render           # the tables from OUT/results.json
   python scripts/reproduce.py --collect          # results.json again from OUT/rows
+  python scripts/reproduce.py --render --update-docs   # the tables into the README and docs
 
 Outputs in ``--out-dir`` (default ``reproduce_results``): ``rows/*.json`` (one per method,
 setting and seed, with per-case test scores; a rerun skips programs whose rows exist),
@@ -40,12 +41,23 @@ def main(argv=None) -> None:
     p.add_argument("--render", action="store_true", help="only print the tables")
     p.add_argument("--collect", action="store_true",
                    help="only rebuild results.json and plots from the rows on disk")
+    p.add_argument("--update-docs", action="store_true",
+                   help="with --render: write the tables into docs/reproduction.md and the "
+                        "summary into README.md (between their markers)")
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.render:
-        from molf_jax.experiments import render
+        from molf_jax.experiments import SUMMARY_BEGIN, SUMMARY_END, render, render_summary, splice
 
-        print(render(json.loads((out_dir / "results.json").read_text())))
+        results = json.loads((out_dir / "results.json").read_text())
+        print(render(results))
+        if args.update_docs:
+            root = Path(__file__).resolve().parents[1]
+            for page, text, markers in (
+                    (root / "docs" / "reproduction.md", render(results), None),
+                    (root / "README.md", render_summary(results), (SUMMARY_BEGIN, SUMMARY_END))):
+                page.write_text(splice(page.read_text(), text, *([markers] if markers else [])))
+                print(f"updated {page}", file=sys.stderr)
         return
 
     from molf_jax.experiments.runner import collect
@@ -75,7 +87,7 @@ def main(argv=None) -> None:
         command, wall = old.get("command", command), old.get("plan_wall_seconds")
         failed, timings = old.get("failed_runs", []), old.get("timings", {})
     results, rows = collect(out_dir, args.seeds, command=command, plan_wall_seconds=wall,
-                            failed_runs=failed, timings=timings)
+                            failed_runs=failed, timings=timings, preset=args.preset)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     from molf_jax.experiments import plot_study, render
 

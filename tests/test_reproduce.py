@@ -143,6 +143,17 @@ def test_the_reproduction_page_is_the_rendering_of_the_committed_results():
         assert experiments.in_step(page, json.loads(results.read_text()))
 
 
+def test_the_readme_shows_the_summary_rendered_from_the_committed_results():
+    results = json.loads((ROOT / "reproduce_results" / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert experiments.in_step(readme, results, summary=True)
+    # The summary carries every task's FFT - LoRA interval and the run's wall time.
+    for task in results["tasks"].values():
+        comparison = task["fft_minus_lora"]
+        assert f"{comparison['mean']:+.1f} [{comparison['ci95'][0]:+.1f}" in readme
+    assert f"plan wall time {results['plan_wall_seconds']:.0f} s" in readme
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     model = tiny_hf_folder(tmp_path_factory.mktemp("model") / "tiny-qwen2")
@@ -214,3 +225,23 @@ def test_a_program_too_large_for_the_device_runs_in_equal_chunks_with_the_same_r
     for label, row in expected.items():
         assert got[label]["test_cases"] == pytest.approx(row["test_cases"], abs=1e-6)
         assert got[label]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-5)
+
+
+def test_sql_accuracy_is_split_into_the_query_kinds_training_saw_and_those_it_never_saw():
+    from molf_jax.experiments.breakdown import held_out_flags, sql_by_kind
+
+    flags = held_out_flags("gpu", 0)
+    assert flags is not None and 0 < flags.sum() < len(flags) == 400
+    assert held_out_flags("smoke", 0) is None  # the smoke preset holds out no kind
+    rows = [{"task": "sql", "method": "fft", "label": "a", "seed": 0,
+             "test_cases": {"correct": [float(not f) for f in flags]}},
+            {"task": "sql", "method": "lora", "label": "b", "seed": 0,
+             "test_cases": {"correct": [float(f) for f in flags[:-1]] + [0.0]}}]
+    summary = {"seeds": [0], "methods": {"fft": {"setting": "a"}, "lora": {"setting": "b"}}}
+    split = sql_by_kind(summary, rows, "gpu")
+    held = int(flags.sum())
+    assert (split["n_trained_kinds"], split["n_held_out_kinds"]) == (400 - held, held)
+    assert split["methods"]["fft"] == {"trained_kinds": 100.0, "held_out_kinds": 0.0}
+    last = 1.0 if flags[-1] else 0.0  # lora's last case is wrong, whatever its kind
+    assert split["methods"]["lora"]["trained_kinds"] == 0.0
+    assert split["methods"]["lora"]["held_out_kinds"] == round(100 * (held - last) / held, 2)

@@ -34,7 +34,8 @@ from molf_jax.experiments.stats import (
 )
 
 # Rendering: the tables from results.json, kept in step with a docs page; the study's plots.
-from molf_jax.experiments.render import BEGIN, END, in_step, plot_study, render, splice
+from molf_jax.experiments.render import (BEGIN, END, SUMMARY_BEGIN, SUMMARY_END, in_step,
+                                         plot_study, render, render_summary, splice)
 
 __all__ = [
     "GRIDS",
@@ -62,6 +63,9 @@ __all__ = [
     "TASK_ORDER",
     "choose_settings",
     "in_step",
+    "render_summary",
+    "SUMMARY_BEGIN",
+    "SUMMARY_END",
     "incomplete_sweeps",
     "metric_of",
     "metric_with_retention",

@@ -17,6 +17,8 @@ from molf_jax.experiments.stats import CLAIM_MARGIN, TASK_ORDER
 from molf_jax.models import PROJECTIONS
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# The README's short form (`render_summary`) sits between these.
+SUMMARY_BEGIN, SUMMARY_END = "<!-- summary:begin -->", "<!-- summary:end -->"
 # Methods in the order the tables list them; any other method follows in results.json order.
 METHOD_ORDER = ("fft", "lora", "molf", "molf_recipe", "molf_gate", "molfe", "molfe_top1",
                 "adalora")
@@ -79,6 +81,68 @@ def _method_rows(task: str, t: Mapping[str, Any], design: bool) -> list[list[str
     return rows
 
 
+def _comparison_lines(tasks: Mapping[str, Any]) -> list[str]:
+    """The paired differences (and retention's) and the claim table."""
+    lines = ["Differences in points, with 95% paired-bootstrap intervals over test cases "
+             "pooled over seeds; max(FFT, LoRA) is the one with the better validation metric.",
+             ""]
+    lines += _table(["task", "max(FFT, LoRA)", *(name for _, name in _COMPARISONS)],
+                    [[task, METHOD_NAMES.get(t["best_of_fft_lora"], "-"),
+                      *(_ci(t.get(k)) for k, _ in _COMPARISONS)] for task, t in tasks.items()])
+    shown = [(k, name) for k, name in _RETENTION_COMPARISONS
+             if any(t.get(k) is not None for t in tasks.values())]
+    if shown:
+        lines += [""] + _table(["task", *(name for _, name in shown)],
+                               [[task, *(_ci(t.get(k)) for k, _ in shown)]
+                                for task, t in tasks.items()])
+
+    kinds = {task: t["by_kind"] for task, t in tasks.items() if t.get("by_kind")}
+    for task, k in kinds.items():
+        lines += ["", f"{task}: execution accuracy on the test cases of query kinds training "
+                      f"saw ({k['n_trained_kinds']} cases over seeds) and of kinds it never saw "
+                      f"({k['n_held_out_kinds']}).", ""]
+        lines += _table(["method", "trained kinds", "held-out kinds"],
+                        [[METHOD_NAMES.get(m, m), f"{x['trained_kinds']:.1f}",
+                          f"{x['held_out_kinds']:.1f}"] for m, x in k["methods"].items()])
+
+    lines += ["", "Claims: yes / no when the whole 95% interval lies above / below the "
+                  "threshold, else inconclusive.", ""]
+    lines += _table(["task", *(name for _, name in _CLAIMS)],
+                    [[task, *(t["claims"].get(k) or "-" for k, _ in _CLAIMS)]
+                     for task, t in tasks.items()])
+    return lines
+
+
+def _run_lines(results: Mapping[str, Any]) -> list[str]:
+    """Incomplete methods, and the run itself: runs, device, wall time, failures, command."""
+    tasks = results["tasks"]
+    lines: list[str] = []
+    left_out = [f"{task} {m} ({why})" for task, t in tasks.items()
+                for m, why in (t.get("incomplete") or {}).items()]
+    if left_out:
+        lines += ["", "Not summarised (incomplete): " + "; ".join(left_out) + "."]
+    failed = _need(results, "failed_runs", "the top level")
+    wall = _need(results, "plan_wall_seconds", "the top level")
+    lines += ["", f"{_need(results, 'runs', 'the top level')} runs on "
+                  f"{_need(results, 'device', 'the top level')}; plan wall time "
+                  + ("-" if wall is None else f"{wall:.0f} s")
+                  + "; failed runs: " + (", ".join(failed) if failed else "none") + "."]
+    if results.get("command"):
+        lines += ["", f"Command: `{results['command']}`"]
+    return lines
+
+
+def render_summary(results: Mapping[str, Any]) -> str:
+    """The README's short form: the differences with their intervals, the claims and the run.
+
+    Example:
+      >>> text = render_summary(json.loads(Path("reproduce_results/results.json").read_text()))
+      ... # doctest: +SKIP
+    """
+    tasks = _need(results, "tasks", "the top level")
+    return "\n".join(_comparison_lines(tasks) + _run_lines(results)) + "\n"
+
+
 def render(results: Mapping[str, Any]) -> str:
     """The reproduction's tables (markdown) from a results.json dict.
 
@@ -101,24 +165,7 @@ def render(results: Mapping[str, Any]) -> str:
              "known cloze facts still answered after training.", ""]
     lines += _table(header, [r for task, t in tasks.items() for r in _method_rows(task, t, design)])
 
-    lines += ["", "Differences in points, with 95% paired-bootstrap intervals over test cases "
-                  "pooled over seeds; max(FFT, LoRA) is the one with the better validation "
-                  "metric.", ""]
-    lines += _table(["task", "max(FFT, LoRA)", *(name for _, name in _COMPARISONS)],
-                    [[task, METHOD_NAMES.get(t["best_of_fft_lora"], "-"),
-                      *(_ci(t.get(k)) for k, _ in _COMPARISONS)] for task, t in tasks.items()])
-    shown = [(k, name) for k, name in _RETENTION_COMPARISONS
-             if any(t.get(k) is not None for t in tasks.values())]
-    if shown:
-        lines += [""] + _table(["task", *(name for _, name in shown)],
-                               [[task, *(_ci(t.get(k)) for k, _ in shown)]
-                                for task, t in tasks.items()])
-
-    lines += ["", "Claims: yes / no when the whole 95% interval lies above / below the "
-                  "threshold, else inconclusive.", ""]
-    lines += _table(["task", *(name for _, name in _CLAIMS)],
-                    [[task, *(t["claims"].get(k) or "-" for k, _ in _CLAIMS)]
-                     for task, t in tasks.items()])
+    lines += [""] + _comparison_lines(tasks)
 
     study = results.get("study") or []
     if study:
@@ -132,52 +179,47 @@ def render(results: Mapping[str, Any]) -> str:
               *(f"{s['share_by_projection'][p]:.0f}" if p in s["share_by_projection"] else "-"
                 for p in PROJECTIONS)] for s in study])
 
-    left_out = [f"{task} {m} ({why})" for task, t in tasks.items()
-                for m, why in (t.get("incomplete") or {}).items()]
-    if left_out:
-        lines += ["", "Not summarised (incomplete): " + "; ".join(left_out) + "."]
-    failed = _need(results, "failed_runs", "the top level")
-    wall = _need(results, "plan_wall_seconds", "the top level")
-    lines += ["", f"{_need(results, 'runs', 'the top level')} runs on "
-                  f"{_need(results, 'device', 'the top level')}; plan wall time "
-                  + ("-" if wall is None else f"{wall:.0f} s")
-                  + "; failed runs: " + (", ".join(failed) if failed else "none") + "."]
-    if results.get("command"):
-        lines += ["", f"Command: `{results['command']}`"]
+    lines += _run_lines(results)
     return "\n".join(lines) + "\n"
 
 
-def splice(page: str, tables: str) -> str:
-    """``page`` with the text between `BEGIN` and `END` replaced by ``tables``.
+def splice(page: str, tables: str, markers: tuple[str, str] = (BEGIN, END)) -> str:
+    """``page`` with the text between the two ``markers`` replaced by ``tables``.
 
     Example:
       >>> splice("a\\n<!-- results:begin -->\\nold\\n<!-- results:end -->\\nb", "new\\n")
       'a\\n<!-- results:begin -->\\nnew\\n<!-- results:end -->\\nb'
     """
-    start, end = _markers(page)
+    start, end = _markers(page, markers)
     return page[:start] + "\n" + tables.strip() + "\n" + page[end:]
 
 
-def _markers(page: str) -> tuple[int, int]:
-    """Where the spliced block starts (after `BEGIN`) and ends (at `END`)."""
-    if page.count(BEGIN) != 1 or page.count(END) != 1:
-        raise ValueError(f"the page needs exactly one {BEGIN} and one {END} "
-                         f"(has {page.count(BEGIN)} and {page.count(END)})")
-    start, end = page.index(BEGIN) + len(BEGIN), page.index(END)
+def _markers(page: str, markers: tuple[str, str]) -> tuple[int, int]:
+    """Where the spliced block starts (after the first marker) and ends (at the second)."""
+    begin, end_marker = markers
+    if page.count(begin) != 1 or page.count(end_marker) != 1:
+        raise ValueError(f"the page needs exactly one {begin} and one {end_marker} "
+                         f"(has {page.count(begin)} and {page.count(end_marker)})")
+    start, end = page.index(begin) + len(begin), page.index(end_marker)
     if end < start:
-        raise ValueError(f"{END} comes before {BEGIN}")
+        raise ValueError(f"{end_marker} comes before {begin}")
     return start, end
 
 
-def in_step(page: str, results: Mapping[str, Any]) -> bool:
-    """Whether the page shows, between its markers, exactly what ``results`` renders to.
+def in_step(page: str, results: Mapping[str, Any], *, summary: bool = False) -> bool:
+    """Whether the page shows, between its markers, exactly what ``results`` renders to: the
+    full tables (`render`, between `BEGIN` and `END`) or with ``summary`` the README's short
+    form (`render_summary`, between `SUMMARY_BEGIN` and `SUMMARY_END`).
 
     Example:
       >>> in_step(Path("docs/reproduction.md").read_text(),
       ...         json.loads(Path("reproduce_results/results.json").read_text()))
       ... # doctest: +SKIP
     """
-    start, end = _markers(page)
+    if summary:
+        start, end = _markers(page, (SUMMARY_BEGIN, SUMMARY_END))
+        return page[start:end].strip() == render_summary(results).strip()
+    start, end = _markers(page, (BEGIN, END))
     return page[start:end].strip() == render(results).strip()
 
 

@@ -436,7 +436,8 @@ def _routing_summary(result, k: int, mode: str) -> dict[str, Any] | None:
 
 
 def collect(out_dir: Path, seeds, *, command: str, plan_wall_seconds: float | None,
-            failed_runs: list[str], timings: dict | None = None) -> tuple[dict, list[dict]]:
+            failed_runs: list[str], timings: dict | None = None,
+            preset: str = "gpu") -> tuple[dict, list[dict]]:
     """results.json's content from the rows on disk: the summary per task, the routing study,
     and the record of the run itself (command, device, wall time, failed runs, timings)."""
     from molf_jax.experiments.stats import study_table, summarise
@@ -449,4 +450,9 @@ def collect(out_dir: Path, seeds, *, command: str, plan_wall_seconds: float | No
                "failed_runs": list(failed_runs), "timings": timings or {},
                "tasks": summarise(rows, seeds, grids, with_retention=True),
                "study": study_table(rows, seeds, grids)}
+    sql = results["tasks"].get("sql")
+    if sql is not None and preset in PRESETS:
+        from molf_jax.experiments.breakdown import sql_by_kind
+
+        sql["by_kind"] = sql_by_kind(sql, rows, preset)
     return results, rows
