@@ -73,11 +73,11 @@ def main(argv=None) -> None:
         from molf_jax.experiments.runner import Runner
 
         gpu = jax.default_backend() == "gpu"
-        # On a GPU: bf16 activations, and each layer recomputed in the backward pass so that
-        # more members fit one program (their step is launch-bound, not compute-bound).
+        # On a GPU: bf16 activations; each layer is recomputed in the backward pass only
+        # where the members would not fit one program otherwise.
         runner = Runner(args.model, out_dir,
                         compute_dtype=args.compute_dtype or ("bfloat16" if gpu else "float32"),
-                        remat="full" if gpu else "none", retention=args.retention)
+                        remat=("none", "full") if gpu else "none", retention=args.retention)
         plan = Plan(tuple(args.tasks), tuple(args.methods), tuple(args.seeds),
                     preset=args.preset, study=args.study)
         runner.run(plan, steps=args.steps)

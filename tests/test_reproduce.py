@@ -210,20 +210,28 @@ def test_a_program_too_large_for_the_device_runs_in_equal_chunks_with_the_same_r
     model = tiny_hf_folder(tmp_path / "model")
     plan = experiments.Plan(("fact",), ("fft",), (0,), preset="smoke", study=False)
 
-    def rows_of(out, fits):
+    def rows_of(out, fits, remat="none"):
         if fits is not None:
             monkeypatch.setattr(Runner, "_fits", fits)
-        runner = Runner(str(model), out, compute_dtype="float32", retention=False)
+        runner = Runner(str(model), out, compute_dtype="float32", retention=False, remat=remat)
         rows = [r for r in runner.run(plan, steps=2) if r["method"] == "fft"]
         return runner.timings["programs"]["fact__fft"], {r["label"]: r for r in rows}
 
     whole, expected = rows_of(tmp_path / "whole", None)
     split, got = rows_of(tmp_path / "split", lambda self, program: program.num_members <= 2)
     assert whole["chunks"] == [3] and split["chunks"] == [2, 1]
-    assert sorted(split["compile_seconds"]) == ["2", "3"] and split["scored"] == 3
+    assert sorted(split["compile_seconds"]) == ["2/none", "3/none"] and split["scored"] == 3
     assert sorted(got) == sorted(GRIDS["fft"])
     for label, row in expected.items():
         assert got[label]["test_cases"] == pytest.approx(row["test_cases"], abs=1e-6)
+        assert got[label]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-5)
+    # Remat candidates: the members stay whole with the first candidate that fits.
+    whole_remat, got = rows_of(tmp_path / "remat",
+                               lambda self, program: program.config.remat == "full",
+                               remat=("none", "full"))
+    assert whole_remat["chunks"] == [3] and whole_remat["remat"] == "full"
+    assert sorted(whole_remat["compile_seconds"]) == ["3/full", "3/none"]
+    for label, row in expected.items():
         assert got[label]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-5)
 
 

@@ -61,7 +61,8 @@ from molf_jax.data._encode import (
     prompt_ids,
     target_ids,
 )
-from molf_jax.data._batching import Batch, BatchIterator, fixed_lengths, pad_right
+from molf_jax.data._batching import (Batch, BatchIterator, fixed_lengths,
+                                     loss_token_budget, pad_right)
 
 # An offline tokenizer for tiny models and tests.
 from molf_jax.data._byte_tokenizer import byte_level_tokenizer
@@ -84,6 +85,7 @@ __all__ = [
     "Batch",
     "BatchIterator",
     "fixed_lengths",
+    "loss_token_budget",
     "EncodeStats",
     "EncodedExample",
     "Example",

@@ -81,6 +81,27 @@ def fixed_lengths(max_length: int, count: int = 4, multiple: int = 32) -> tuple[
     return tuple(sorted(n for n in lengths if n <= max_length))
 
 
+def loss_token_budget(examples: Sequence[EncodedExample], rows: int,
+                      multiple: int = 64) -> int:
+    """An upper bound on the target tokens of any batch of ``rows`` of ``examples``: the
+    ``rows`` largest per-example target counts summed, rounded up to ``multiple``. The loss
+    can then run the output head on that many gathered positions alone
+    (`molf_jax.models.next_token_loss_sum`'s ``loss_tokens``), whatever the batch.
+
+    A target is a position t >= 1 with ``loss_mask[t]`` set (it is predicted from t - 1).
+
+    Example:
+      >>> import numpy as np
+      >>> ex = [EncodedExample(np.zeros(n, np.int32), np.r_[np.zeros(n - k), np.ones(k)])
+      ...       for n, k in ((10, 3), (12, 7), (9, 1))]
+      >>> loss_token_budget(ex, rows=2, multiple=4)   # 7 + 3, rounded up
+      12
+    """
+    counts = sorted((int(np.asarray(e.loss_mask[1:]).sum()) for e in examples), reverse=True)
+    total = max(1, sum(counts[:rows]))
+    return -(-total // multiple) * multiple
+
+
 class BatchIterator:
     """Yields training batches over epochs; resumable through :meth:`state`/:meth:`restore`.
 

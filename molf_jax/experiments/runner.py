@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -71,15 +72,19 @@ class Runner:
       compute_dtype: activations of training ('bfloat16' on GPUs; tests use float32).
       retention: score the forgetting probe after every run.
       compile_ahead: programs compiled in threads while another trains.
-      remat: rematerialisation of the layers while training ('full' trades compute for the
-        memory of more members per program).
+      remat: rematerialisation of the layers while training, or candidates in order of
+        preference: the first with which a program's members fit is used ('full' trades
+        compute for the memory of more members per program), and only when none fits are
+        the members split.
       reserve_gib: device memory kept free of a program's members (base model, scoring).
+      headroom: share of the device's memory a program may plan to use, reserve included.
     """
 
     def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
                  score_batch: int = 256,
-                 retention: bool = True, compile_ahead: int = 4, remat: str = "none",
-                 reserve_gib: float = 8.0):
+                 retention: bool = True, compile_ahead: int = 4,
+                 remat: str | Sequence[str] = "none",
+                 reserve_gib: float = 8.0, headroom: float = 0.85):
         from molf_jax import models
         from molf_jax.checkpoints import load_hf
         from molf_jax.train.setup import load_tokenizer, resolve_model
@@ -88,8 +93,9 @@ class Runner:
         (self.out_dir / "rows").mkdir(parents=True, exist_ok=True)
         self.compute_dtype = compute_dtype
         self.score_batch, self.retention = score_batch, retention
-        self.compile_ahead, self.remat = compile_ahead, remat
-        self.reserve_bytes = int(reserve_gib * 2**30)
+        self.compile_ahead = compile_ahead
+        self.remats = (remat,) if isinstance(remat, str) else tuple(remat)
+        self.reserve_bytes, self.headroom = int(reserve_gib * 2**30), headroom
         started = time.time()
         self.source = resolve_model(model)
         if self.source.hf_dir is None:
@@ -179,7 +185,7 @@ class Runner:
             out_dir=str(self.out_dir / "unused"), mesh="data=1,fsdp=1,tensor=1",
             eval_before_after=False, export=False,
             **{**PLATFORM_DEFAULTS["cpu"], "compute_dtype": self.compute_dtype,
-               "remat": self.remat},
+               "remat": self.remats[-1]},
             **program.settings)
 
     def compiled(self, program: Program, data: TaskData, steps: int | None
@@ -192,34 +198,45 @@ class Runner:
         model and scoring), K is halved. Members that fit run as one program.
         """
         from molf_jax.data import pad_token_id
-        from molf_jax.experiments.sweep import MemberProgram, member_batches
+        from molf_jax.experiments.sweep import (MemberProgram, member_batches,
+                                                member_loss_tokens)
 
         config = self._config(program, data.size, steps)
         members = list(program.members)
         _, total = member_batches(config, [data.train[m.seed] for m in members], members,
                                   pad_id=pad_token_id(self.tokenizer), lengths=(data.length,))
         shape = (config.grad_accum, config.batch_size, data.length)
-        built: dict[int, Any] = {}
+        # The output head runs on the target positions alone (a bound over every batch).
+        budget = member_loss_tokens(config, [data.train[m.seed] for m in members])
+        built: dict[tuple[int, str], Any] = {}
 
-        def build(k: int):
-            if k not in built:
+        def build(k: int, remat: str):
+            if (k, remat) not in built:
                 started = time.time()
-                built[k] = MemberProgram(config, self.source.config, self.base_params, k, total,
-                                         shape).compile()
+                built[k, remat] = MemberProgram(
+                    dataclasses.replace(config, remat=remat), self.source.config,
+                    self.base_params, k, total, shape, loss_tokens=budget).compile()
                 timing = self.timings["programs"].setdefault(program.name, {})
-                timing.setdefault("compile_seconds", {})[str(k)] = round(time.time() - started,
-                                                                         1)
-            return built[k]
+                timing.setdefault("compile_seconds", {})[f"{k}/{remat}"] = round(
+                    time.time() - started, 1)
+            return built[k, remat]
 
-        k = len(members)
-        while k > 1 and not self._fits(build(k)):
+        # The most members that fit, each remat candidate tried in order before halving.
+        k, remat = len(members), self.remats[-1]
+        while True:
+            fitting = next((r for r in self.remats if self._fits(build(k, r))), None)
+            if fitting is not None or k == 1:
+                remat = fitting or self.remats[-1]
+                break
             k = -(-k // 2)
         # Equal chunks, the last padded with repeats of its own members (trained, never
         # scored): one compilation serves every chunk.
         n = -(-len(members) // k)
         k = -(-len(members) // n)
+        timing = self.timings["programs"].setdefault(program.name, {})
+        timing["remat"] = remat
         chunks = [members[i:i + k] for i in range(0, len(members), k)]
-        return [(chunk, build(k)) for chunk in chunks]
+        return [(chunk, build(k, remat)) for chunk in chunks]
 
     def _fits(self, program) -> bool:
         import jax
@@ -230,7 +247,9 @@ class Runner:
         m = program.step.memory_analysis()
         need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                 + m.temp_size_in_bytes)
-        return need + self.reserve_bytes <= stats["bytes_limit"]
+        # Headroom: a step the analysis fits into all but the reserve still failed once to
+        # find a contiguous 27 GiB buffer in the fragmented heap (sql__molf, 6 members).
+        return need + self.reserve_bytes <= self.headroom * stats["bytes_limit"]
 
     def run_program(self, program: Program, data: TaskData, *, steps: int | None = None,
                     members=None, compiled=None) -> list[dict]:
@@ -325,44 +344,55 @@ class Runner:
     # -- the plan -----------------------------------------------------------------------------
 
     def run(self, plan: Plan, *, steps: int | None = None) -> list[dict]:
-        """Runs every program of ``plan`` that has rows missing; returns all rows on disk."""
+        """Runs every program of ``plan`` that has rows missing; returns all rows on disk.
+
+        Every task's data is made first and all programs go to the compile threads at once, in
+        plan order, so the next task's programs compile while this one trains.
+        """
         first = self._first_seed = plan.seeds[0]
+        on_disk = read_rows(self.out_dir)
+        have = {row_name(r) for r in on_disk}
+        self._first_rows = [r for r in on_disk if r["seed"] == first and "val" in r]
+
+        def done(task: str, p: Program) -> bool:
+            pairs = [(s.seed, m, lab) for s, ms in zip(p.members, p.methods) for m, lab in ms]
+            firsts = [x for x in pairs if x[0] == first]
+            if not all(row_name({"task": task, "method": m, "label": lab, "seed": s})
+                       in have for s, m, lab in firsts):
+                return False
+            return all(row_name({"task": task, "method": m, "label": lab, "seed": s})
+                       in have for s, m, lab in pairs if self.needed(task, m, lab, s))
+
+        work = []
         for task in plan.tasks:
-            on_disk = read_rows(self.out_dir)
-            have = {row_name(r) for r in on_disk}
-            self._first_rows = [r for r in on_disk if r["seed"] == first and "val" in r]
-
-            def done(p: Program) -> bool:
-                pairs = [(s.seed, m, lab) for s, ms in zip(p.members, p.methods)
-                         for m, lab in ms]
-                firsts = [x for x in pairs if x[0] == first]
-                if not all(row_name({"task": task, "method": m, "label": lab, "seed": s})
-                           in have for s, m, lab in firsts):
-                    return False
-                return all(row_name({"task": task, "method": m, "label": lab, "seed": s})
-                           in have for s, m, lab in pairs if self.needed(task, m, lab, s))
-
-            todo = [p for p in programs(plan, task) if not done(p)]
+            todo = [p for p in programs(plan, task) if not done(task, p)]
             base_done = row_name({"task": task, "method": "base", "label": "base",
                                   "seed": first}) in have
             if not todo and base_done:
                 continue
             t0 = time.time()
             data = self.task_data(task, plan.preset, plan.seeds)
-            _say(f"{task}: data ready ({time.time() - t0:.1f} s); {len(todo)} programs")
-            # Programs compile in threads ahead of the one training (XLA compiles on the host).
-            pool = ThreadPoolExecutor(max_workers=self.compile_ahead)
-            futures = [pool.submit(self.compiled, p, data, steps) for p in todo]
             timing = self.timings.setdefault("tasks", {}).setdefault(task, {})
             timing["data_seconds"] = round(time.time() - t0, 1)
-            if not base_done:
-                self.first_start = self.first_start or time.time()
-                t1 = time.time()
-                self._write([self.base_row(task, data, first)])
-                # The base model's scores, with the scoring functions' first compilations.
-                timing["base_seconds"] = round(time.time() - t1, 1)
-            for program, future in zip(todo, futures):
-                self._write(self._with_retry(program, data, steps, future))
+            _say(f"{task}: data ready ({time.time() - t0:.1f} s); {len(todo)} programs")
+            work.append((task, data, todo, base_done))
+        # Programs compile in threads ahead of the one training (XLA compiles on the host).
+        pool = ThreadPoolExecutor(max_workers=self.compile_ahead)
+        futures = {p.name: pool.submit(self.compiled, p, data, steps)
+                   for _, data, todo, _ in work for p in todo}
+        try:
+            for task, data, todo, base_done in work:
+                if not base_done:
+                    self.first_start = self.first_start or time.time()
+                    t1 = time.time()
+                    self._write([self.base_row(task, data, first)])
+                    # The base model's scores, with the scoring functions' first compilations.
+                    self.timings["tasks"][task]["base_seconds"] = round(time.time() - t1, 1)
+                for program in todo:
+                    self._write(self._with_retry(program, data, steps, futures.pop(program.name)))
+        finally:
+            for future in futures.values():
+                future.cancel()
             pool.shutdown()
         return read_rows(self.out_dir)
 

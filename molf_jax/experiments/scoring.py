@@ -91,7 +91,8 @@ def _med_cases(model, params, tokenizer, records, batch_size: int) -> dict[str, 
 
     return {"correct": [float(c) for c in
                         med_text_correct_forced(model, params, tokenizer, records,
-                                                batch_size=batch_size)]}
+                                                batch_size=batch_size,
+                                                pad_to_multiple_of=64)]}
 
 
 def case_scores(task: str, model, params: Any, tokenizer, records: Sequence[dict], *,
@@ -105,7 +106,7 @@ def case_scores(task: str, model, params: Any, tokenizer, records: Sequence[dict
     if task == "fact":
         return _fact_cases(model, params, tokenizer, records, batch_size)
     if task == "sql":
-        return _sql_cases(model, params, tokenizer, records, min(batch_size, 128))
+        return _sql_cases(model, params, tokenizer, records, batch_size)
     if task == "med":
         return _med_cases(model, params, tokenizer, records, batch_size)
     raise ValueError(f"unknown task {task!r}")

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molf_jax.data import PROTOCOL_SETTINGS, BatchIterator, fixed_lengths
+from molf_jax.data import (PROTOCOL_SETTINGS, BatchIterator, fixed_lengths,
+                           loss_token_budget)
 from molf_jax.param_roles import expert_labels, split_trainable
 from molf_jax.routing import routing_table
 from molf_jax.train.config import TrainConfig
@@ -36,7 +37,7 @@ from molf_jax.train.step import make_train_step
 from molf_jax.trees import join_trees
 
 __all__ = ["Member", "MemberProgram", "SweepResult", "train_members", "member_params",
-           "member_batches"]
+           "member_batches", "member_loss_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,13 @@ def member_batches(config: TrainConfig, examples: Sequence[Sequence], members: S
     return iterators, steps.pop()
 
 
+def member_loss_tokens(config: TrainConfig, examples: Sequence[Sequence]) -> int:
+    """Target positions the loss gathers per micro-batch: a bound no batch of any member's
+    examples exceeds (`molf_jax.data.loss_token_budget`)."""
+    return max(loss_token_budget(per, config.batch_size)
+               for per in examples)
+
+
 def _stack_members(batches: list[list[dict]]) -> dict[str, np.ndarray]:
     """[K][micro] batches -> arrays [K, micro, rows, length], padded to the longest."""
     length = max(b["input_ids"].shape[1] for per in batches for b in per)
@@ -130,13 +138,17 @@ class MemberProgram:
       num_members: K.
       total_steps: optimizer steps (fixes the schedules).
       batch_shape: ``(micro, rows, length)`` of each member's batch, or None (no `compile`).
+      loss_tokens: the output head runs on this many gathered target positions per
+        micro-batch (`molf_jax.data.loss_token_budget` of the members' examples); None: on
+        every position.
     """
 
     def __init__(self, config: TrainConfig, model_config: Any, base_params: Any,
-                 num_members: int, total_steps: int, batch_shape: tuple[int, int, int] | None):
+                 num_members: int, total_steps: int, batch_shape: tuple[int, int, int] | None,
+                 loss_tokens: int | None = None):
         config = resolve_config(config)
         mode = mode_of(config)
-        self.config, self.total_steps = config, total_steps
+        self.config, self.total_steps, self.loss_tokens = config, total_steps, loss_tokens
         self.num_members, self.batch_shape = num_members, batch_shape
         self.spec = mode.lora_spec(config)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
@@ -158,7 +170,8 @@ class MemberProgram:
                                    loss_chunk=config.loss_chunk,
                                    dropout=mode.dropout(config),
                                    route_fft_column=mode.routes and mode.fft_expert,
-                                   return_routing=routed, regularizer=regularizer)
+                                   return_routing=routed, regularizer=regularizer,
+                                   loss_tokens=loss_tokens)
             params, opt_state, metrics = step(join_trees(train_params, frozen_params),
                                               opt_state, batch)
             kept = {"loss": jnp.where(metrics["skipped"], jnp.nan, metrics["loss"])}
@@ -225,12 +238,16 @@ def train_members(config: TrainConfig, model_config: Any, base_params: Any,
     config = resolve_config(config)
     iterators, total_steps = member_batches(config, examples, members, pad_id=pad_id,
                                             lengths=lengths)
+    budget = member_loss_tokens(config, examples)
     if program is None:
         program = MemberProgram(config, model_config, base_params, len(members), total_steps,
-                                None)
+                                None, loss_tokens=budget)
     elif (program.num_members, program.total_steps) != (len(members), total_steps):
         raise ValueError(f"the program was built for {program.num_members} members and "
                          f"{program.total_steps} steps, not {len(members)} and {total_steps}")
+    elif program.loss_tokens is not None and program.loss_tokens < budget:
+        raise ValueError(f"the program's loss runs on {program.loss_tokens} target positions "
+                         f"per batch, but these examples can fill {budget}")
     roles = program.roles
     trainables = []
     for m in members:

@@ -9,6 +9,11 @@ The final hidden states are multiplied by the output kernel one chunk of tokens 
 a rematerialised ``lax.scan``: the forward pass keeps only per-token log-sum-exp and target
 logits, and the backward pass recomputes each chunk's logits. With Gemma's 262k vocabulary this
 is the difference between ~1 GiB per 1k tokens and a few MiB.
+
+With ``loss_tokens`` the head runs only on the positions that have a target: their first
+``loss_tokens`` are gathered before the head (the caller guarantees no batch has more). Prompts
+and padding never reach the 262k-word matmul; a fine-tuning batch whose targets are a tenth of
+its tokens spends a tenth of the head's work. The sum is the same terms in another order.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def next_token_loss(model, params: Any, input_ids: jax.Array, attention_mask: ja
                     loss_mask: jax.Array, *, chunk: int = 1024,
                     dropout_key: jax.Array | None = None,
                     constrain_hidden: Callable[[jax.Array], jax.Array] = lambda h: h,
+                    loss_tokens: int | None = None,
                     ) -> tuple[jax.Array, jax.Array]:
     """Sum of target-token losses of a `CausalLM` and the number of target tokens.
 
@@ -40,6 +46,8 @@ def next_token_loss(model, params: Any, input_ids: jax.Array, attention_mask: ja
         deterministic.
       constrain_hidden: applied to the final hidden states before the head (a training step
         pins their sharding here).
+      loss_tokens: when given, the head runs on at most this many target positions
+        (`next_token_loss_sum`); None: on every position.
 
     Returns:
       (loss_sum float32 scalar, target_count float32 scalar).
@@ -53,12 +61,14 @@ def next_token_loss(model, params: Any, input_ids: jax.Array, attention_mask: ja
                          rngs=None if dropout_key is None else {"dropout": dropout_key})
     return next_token_loss_sum(constrain_hidden(hidden), output_kernel(params, model.config),
                                input_ids, loss_mask, chunk=chunk,
-                               softcap=model.config.final_logit_softcapping)
+                               softcap=model.config.final_logit_softcapping,
+                               loss_tokens=loss_tokens)
 
 
 def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: jax.Array,
                         loss_mask: jax.Array, *, chunk: int = 1024,
-                        softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+                        softcap: float | None = None,
+                        loss_tokens: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Sum of target-token losses and the number of target tokens.
 
     Position t predicts token t+1, which counts when ``loss_mask[:, t+1]`` is 1 (the shared batch
@@ -70,6 +80,9 @@ def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: 
       input_ids, loss_mask: [B, T] int arrays.
       chunk: tokens per logits chunk.
       softcap: final logit soft-capping (cap * tanh(logits / cap)) when the model has one.
+      loss_tokens: gather the first this many target positions (in row-major order) and run
+        the head on them alone; a batch with more targets would lose the rest, so the caller
+        bounds it (`molf_jax.data.loss_token_budget`). None: every position.
 
     Returns:
       (loss_sum float32 scalar, target_count float32 scalar).
@@ -82,6 +95,11 @@ def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: 
     h = hidden[:, :-1].reshape(-1, d)
     targets = input_ids[:, 1:].reshape(-1)
     weights = loss_mask[:, 1:].reshape(-1).astype(jnp.float32)
+    if loss_tokens is not None and loss_tokens < h.shape[0]:
+        picked = jnp.nonzero(weights > 0, size=loss_tokens, fill_value=0)[0]
+        real = jnp.arange(loss_tokens) < jnp.sum(weights > 0)
+        h, targets = h[picked], targets[picked]
+        weights = jnp.where(real, weights[picked], 0.0)
     n = h.shape[0]
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk

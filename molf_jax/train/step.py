@@ -50,7 +50,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
                     roles: Any, seed: int = 0, loss_chunk: int = 1024,
                     dropout: bool = True, route_fft_column: bool = False,
                     return_routing: bool = True,
-                    regularizer: Callable[[Any], jax.Array] | None = None) -> Callable:
+                    regularizer: Callable[[Any], jax.Array] | None = None,
+                    loss_tokens: int | None = None) -> Callable:
     """Builds the (unjitted) training step for a flax causal LM.
 
     Args:
@@ -66,6 +67,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
       regularizer: ``trainable params -> scalar`` added to the loss's gradient once per
         optimizer step (AdaLoRA's weighted orthogonality penalty); reported as
         ``metrics['regularizer']``, while ``metrics['loss']`` stays the task loss.
+      loss_tokens: run the output head on at most this many target positions per micro-batch
+        (`molf_jax.models.next_token_loss`); the caller bounds every batch's targets by it
+        (`molf_jax.data.loss_token_budget`). None: every position (one device or a mesh).
 
     Returns:
       ``train_step(params, opt_state, batch)``; ``batch`` holds ``input_ids``,
@@ -85,7 +89,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
         # without one.
         return next_token_loss(model, join_trees(train_params, frozen_params), ids, mask,
                                loss_mask, chunk=loss_chunk, dropout_key=key if dropout else None,
-                               constrain_hidden=constrain_rows)
+                               constrain_hidden=constrain_rows, loss_tokens=loss_tokens)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
