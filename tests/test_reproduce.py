@@ -172,13 +172,19 @@ def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
     results = json.loads((out / "results.json").read_text())
     rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
     # Every rate of every grid on the first seed, and the base; on the second seed only the
-    # setting the first seed's validation chose (all trained in one program per method, the
-    # rest dropped unscored).
+    # setting the first seed's validation chose.
     chosen = experiments.choose_settings(rows, GRIDS, seed=0)
     assert sorted((r["method"], r["label"], r["seed"]) for r in rows) == sorted(
         [("base", "base", 0)] + [(m, label, 0) for m in ("fft", "lora", "molf")
                                  for label in GRIDS[m]]
         + [(m, chosen[("fact", m)], 1) for m in ("fft", "lora", "molf")])
+    # Two phases of one compilation: the first seed's settings, then only the chosen one on
+    # the second seed (padded to the program's width, never scored).
+    for method, width in (("fft", 3), ("lora", 2), ("molf", 3)):
+        timing = results["timings"]["programs"][f"fact__{method}"]
+        assert (timing["members"], timing["chunks"], timing["scored"]) == (
+            width + 1, [width, 1], width + 1)
+        assert list(timing["compile_seconds"]) == [f"{width}/none"]
     trained = [r for r in rows if r["method"] != "base"]
     # Same examples in the same order within a seed: the same steps and tokens per seed.
     for seed in (0, 1):

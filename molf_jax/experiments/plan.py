@@ -9,10 +9,10 @@ LoRA rates {1e-4, 5e-5, 2e-5}; molfe (top-2 and top-1) and adalora {5e-4, 1e-4, 
 ``molf_recipe`` is MoLF at the authors' quickstart rate (5e-5, equal rates), reported as its own
 row.
 
-Because a program trains several members at once (`molf_jax.experiments.train_members`), every
-setting runs on every seed in one program; only the chosen setting's later seeds are scored and
-enter the results, which are then exactly those of running the chosen setting alone on those
-seeds.
+A program (one mode configuration) trains several members at once
+(`molf_jax.experiments.train_members`) in two phases with one compilation: first every setting
+on the first seed, then, once their validation has chosen, only the chosen settings on the later
+seeds (`phases`, `program_width`). The results are exactly those of running each setting alone.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from molf_jax.experiments.sweep import Member
 
 __all__ = ["TaskSize", "PRESETS", "GRIDS", "STUDY", "CUSTOM_SCORE", "Program", "Plan",
-           "programs", "setting_label", "grid_labels"]
+           "programs", "phases", "program_width", "setting_label", "grid_labels"]
 
 TASKS = ("med", "fact", "sql")
 CUSTOM_SCORE = "molf_jax.experiments.scores:epd_without_lr"
@@ -67,6 +67,8 @@ class TaskSize:
       eval_size: offline sql: held-out examples generated.
       offline_options: options of the offline generator (`molf_jax.data.load_task`'s
         ``offline_options``) as ``(name, value)`` pairs, e.g. sql's held-out query kinds.
+      score_batch: rows per scoring pass; validation and test are scored together, so one
+        pass (or a few for fact's many short queries) scores a member.
     """
 
     task_size: int
@@ -76,6 +78,7 @@ class TaskSize:
     epochs: float = 2.0
     eval_size: int | None = None
     offline_options: tuple[tuple[str, Any], ...] = ()
+    score_batch: int = 256
 
 
 # SQL query kinds training never sees (`molf_jax.data.SQL_KINDS`): the test keeps the natural
@@ -85,13 +88,17 @@ SQL_HELD_OUT = ("having", "join_having", "join_not_in", "above_average", "join_t
 
 PRESETS: dict[str, dict[str, TaskSize]] = {
     # One 80 GB GPU (H100 or H200).
-    "gpu": {"med": TaskSize(320, 64, None),
-            "fact": TaskSize(1536, 256, 1280, epochs=3.0),
+    # Scoring: med's 568 cases and sql's 464 in one pass each, fact's 12,288 queries of at
+    # most 16 tokens in three.
+    "gpu": {"med": TaskSize(320, 64, None, score_batch=576),
+            "fact": TaskSize(1536, 256, 1280, epochs=3.0, score_batch=4096),
             "sql": TaskSize(640, 64, 400, 512, eval_size=464,
-                            offline_options=(("held_out_kinds", SQL_HELD_OUT),))},
+                            offline_options=(("held_out_kinds", SQL_HELD_OUT),),
+                            score_batch=512)},
     # Designs tried for a regime where LoRA might win (issue 24), run beside the plan:
     # few examples, many passes (FFT may overfit where LoRA learns less).
-    "design_sql_few": {"sql": TaskSize(96, 64, 400, 512, epochs=6.0, eval_size=464)},
+    "design_sql_few": {"sql": TaskSize(96, 64, 400, 512, epochs=6.0, eval_size=464,
+                                       score_batch=512)},
     # Tiny sizes for the test suite (with a tiny model).
     "smoke": {"med": TaskSize(8, 4, 4, 512),
               "fact": TaskSize(8, 4, 4, 512),
@@ -184,3 +191,26 @@ def programs(plan: Plan, task: str) -> list[Program]:
                            members=tuple(ordered),
                            methods=tuple(tuple(members[m]) for m in ordered)))
     return out
+
+
+def phases(program: Program, first_seed: int) -> tuple[list[Member], list[Member]]:
+    """The program's first-seed members (every setting: validation chooses among them) and its
+    later-seed members (of which only the chosen settings' are trained)."""
+    first = [m for m in program.members if m.seed == first_seed]
+    return first, [m for m in program.members if m.seed != first_seed]
+
+
+def program_width(program: Program, first_seed: int) -> int:
+    """Members one compiled program trains at once: enough for either phase, the first seed's
+    members or the most later-seed members validation can choose (one per tuned method and
+    later seed); a phase with fewer is padded with repeats.
+
+    Example:
+      >>> plan = Plan(("med",), ("fft", "molf", "molf_recipe"), (0, 1, 2))
+      >>> {p.name: program_width(p, 0) for p in programs(plan, "med")}["med__molf"]
+      5
+    """
+    first, later = phases(program, first_seed)
+    tuned = {method for methods in program.methods for method, _ in methods if method in GRIDS}
+    choosable = len(tuned) * len({m.seed for m in later})
+    return max(len(first), min(len(later), choosable))

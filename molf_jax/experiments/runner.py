@@ -1,16 +1,17 @@
 """Runs a reproduction plan in one process: the model loaded once, one vmapped program per mode
 configuration, every member scored in large batches, one row per (method, setting, seed).
 
-Only what the results use is scored: every setting on the first seed (validation chooses
-among them, `molf_jax.experiments.stats.choose_settings`), and on later seeds only the chosen
-setting. A program trains its members on every seed at once (one compilation), first-seed
-members first, so the choice is made before a later seed is scored; a later-seed member of a
-setting that was not chosen is trained with the others and then dropped unscored.
+Only what the results use is trained and scored: every setting on the first seed (validation
+chooses among them, `molf_jax.experiments.stats.choose_settings`), and on later seeds only the
+chosen setting. A program runs in two phases with one compilation of `program_width` members:
+the first seed's members, then the chosen settings' later seeds (padded with repeats, which are
+never scored).
 
-Rows are written to ``OUT/rows/*.json`` as they come, so a killed sweep resumes where it
-stopped (a program whose needed rows all exist is skipped). A program that fails is retried once,
-with its members split in two halves when the device ran out of memory; what still fails is
-listed in ``failed_runs``, never left out silently.
+Every task's base model is scored first, while the programs compile in threads. Rows are
+written to ``OUT/rows/*.json`` as they come, so a killed sweep resumes where it stopped (a
+program whose needed rows all exist is skipped). A chunk of members that fails is retried once,
+split in two halves when the device ran out of memory; what still fails is listed in
+``failed_runs``, never left out silently.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from molf_jax.experiments.plan import (PRESETS, Plan, Program, TaskSize, grid_labels,
-                                       programs)
+from molf_jax.experiments.plan import (PRESETS, Plan, Program, TaskSize, grid_labels, phases,
+                                       program_width, programs)
 
 __all__ = ["Runner", "collect", "row_name", "read_rows"]
 
@@ -57,10 +58,10 @@ class TaskData:
 
     @property
     def length(self) -> int:
-        """One padded batch length for the whole task (its longest example, rounded up to 32):
+        """One padded batch length for the whole task (its longest example, rounded up to 16):
         one compilation per program, where the trainer's four lengths would compile four."""
         longest = max(len(e) for examples in self.train.values() for e in examples)
-        return -(-longest // 32) * 32
+        return -(-longest // 16) * 16
 
 
 class Runner:
@@ -81,7 +82,6 @@ class Runner:
     """
 
     def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
-                 score_batch: int = 256,
                  retention: bool = True, compile_ahead: int = 4,
                  remat: str | Sequence[str] = "none",
                  reserve_gib: float = 8.0, headroom: float = 0.85):
@@ -92,7 +92,7 @@ class Runner:
         self.out_dir = Path(out_dir)
         (self.out_dir / "rows").mkdir(parents=True, exist_ok=True)
         self.compute_dtype = compute_dtype
-        self.score_batch, self.retention = score_batch, retention
+        self.retention = retention
         self.compile_ahead = compile_ahead
         self.remats = (remat,) if isinstance(remat, str) else tuple(remat)
         self.reserve_bytes, self.headroom = int(reserve_gib * 2**30), headroom
@@ -157,18 +157,20 @@ class Runner:
         from molf_jax.experiments.scoring import case_scores
         from molf_jax.experiments.stats import metric_of
 
-        row: dict[str, Any] = {}
-        for split, records in (("val", data.val[seed]), ("test", data.test[seed])):
-            cases = case_scores(task, self.eval_model, params, self.tokenizer, records,
-                                batch_size=self.score_batch)
-            row[split] = metric_of(task, cases)
-            if split == "test":
-                row["test_cases"] = cases
+        # Validation and test in one call: few, large passes (the task's ``score_batch``).
+        val = len(data.val[seed])
+        cases = case_scores(task, self.eval_model, params, self.tokenizer,
+                            data.val[seed] + data.test[seed], batch_size=data.size.score_batch)
+        row: dict[str, Any] = {
+            "val": metric_of(task, {k: v[:val] for k, v in cases.items()}),
+            "test_cases": {k: v[val:] for k, v in cases.items()}}
+        row["test"] = metric_of(task, row["test_cases"])
         if self.retention:
             from molf_jax.eval import retained_facts
 
-            retained = retained_facts(self.eval_model, params, self.tokenizer, self.probe(),
-                                      batch_size=self.score_batch)
+            probe = self.probe()
+            retained = retained_facts(self.eval_model, params, self.tokenizer, probe,
+                                      batch_size=-(-len(probe) // 64) * 64)
             row["test_cases"]["retained"] = [int(r) for r in retained]
             row["retention"] = 100 * float(np.mean(retained))
         row["n_test"] = len(data.test[seed])
@@ -188,14 +190,13 @@ class Runner:
                "remat": self.remats[-1]},
             **program.settings)
 
-    def compiled(self, program: Program, data: TaskData, steps: int | None
-                 ) -> list[tuple[list, Any]]:
-        """The program's members in chunks that fit the device, each with its compiled
-        `MemberProgram` (callable from a thread).
+    def compiled(self, program: Program, data: TaskData, steps: int | None):
+        """The program compiled for as many members as fit the device, at most its
+        `program_width` (a `MemberProgram`, callable from a thread).
 
         The compiler's own memory analysis of the step (arguments, outputs and temporaries)
-        decides: while K members need more than the device holds (less a reserve for the base
-        model and scoring), K is halved. Members that fit run as one program.
+        decides: each remat candidate is tried in order, and while none fits (less a reserve
+        for the base model and scoring), the width is halved.
         """
         from molf_jax.data import pad_token_id
         from molf_jax.experiments.sweep import (MemberProgram, member_batches,
@@ -221,22 +222,15 @@ class Runner:
                     time.time() - started, 1)
             return built[k, remat]
 
-        # The most members that fit, each remat candidate tried in order before halving.
-        k, remat = len(members), self.remats[-1]
+        k = program_width(program, self._first_seed)
         while True:
             fitting = next((r for r in self.remats if self._fits(build(k, r))), None)
             if fitting is not None or k == 1:
                 remat = fitting or self.remats[-1]
                 break
             k = -(-k // 2)
-        # Equal chunks, the last padded with repeats of its own members (trained, never
-        # scored): one compilation serves every chunk.
-        n = -(-len(members) // k)
-        k = -(-len(members) // n)
-        timing = self.timings["programs"].setdefault(program.name, {})
-        timing["remat"] = remat
-        chunks = [members[i:i + k] for i in range(0, len(members), k)]
-        return [(chunk, build(k, remat)) for chunk in chunks]
+        self.timings["programs"].setdefault(program.name, {})["remat"] = remat
+        return build(k, remat)
 
     def _fits(self, program) -> bool:
         import jax
@@ -347,7 +341,8 @@ class Runner:
         """Runs every program of ``plan`` that has rows missing; returns all rows on disk.
 
         Every task's data is made first and all programs go to the compile threads at once, in
-        plan order, so the next task's programs compile while this one trains.
+        plan order, so the next task's programs compile while this one trains; every task's
+        base model is scored before the first program runs.
         """
         first = self._first_seed = plan.seeds[0]
         on_disk = read_rows(self.out_dir)
@@ -381,52 +376,82 @@ class Runner:
         futures = {p.name: pool.submit(self.compiled, p, data, steps)
                    for _, data, todo, _ in work for p in todo}
         try:
+            # Every task's base model first (its scores bring the scoring functions' first
+            # compilations), while the first programs compile.
             for task, data, todo, base_done in work:
                 if not base_done:
                     self.first_start = self.first_start or time.time()
                     t1 = time.time()
                     self._write([self.base_row(task, data, first)])
-                    # The base model's scores, with the scoring functions' first compilations.
                     self.timings["tasks"][task]["base_seconds"] = round(time.time() - t1, 1)
+            for task, data, todo, base_done in work:
                 for program in todo:
-                    self._write(self._with_retry(program, data, steps, futures.pop(program.name)))
+                    self._write(self._run_phases(program, data, steps,
+                                                 futures.pop(program.name)))
         finally:
             for future in futures.values():
                 future.cancel()
             pool.shutdown()
         return read_rows(self.out_dir)
 
-    def _with_retry(self, program: Program, data: TaskData, steps, future) -> list[dict]:
+    def _run_phases(self, program: Program, data: TaskData, steps, future) -> list[dict]:
+        """The program's first-seed members, then the later seeds of the settings they chose,
+        in chunks of the compiled width; returns their rows."""
         t0 = time.time()
         try:
-            chunks = future.result()
-            timing = self.timings["programs"].setdefault(program.name, {})
-            timing["compile_wait_seconds"] = round(time.time() - t0, 1)
-            timing["chunks"] = [len(members) for members, _ in chunks]
-            rows = []
-            for members, compiled in chunks:
-                rows += self.run_program(program, data, steps=steps, members=members,
+            compiled = future.result()
+        except Exception as error:  # noqa: BLE001 - each chunk then compiles at its own size
+            _say(f"{program.name}: compiling failed ({type(error).__name__}: "
+                 f"{str(error)[:300]}); each chunk compiles for itself")
+            compiled = None
+        timing = self.timings["programs"].setdefault(program.name, {})
+        timing["compile_wait_seconds"] = round(time.time() - t0, 1)
+        first, later = phases(program, self._first_seed)
+        rows = self._run_chunks(program, data, steps, first, compiled)
+        chosen = []
+        for m in later:
+            try:
+                if any(self.needed(program.task, method, label, m.seed)
+                       for method, label in program.methods[program.members.index(m)]):
+                    chosen.append(m)
+            except RuntimeError:  # every first-seed run of the method failed: nothing chosen
+                self.failed.append(f"{program.name}:s{m.seed}:{m.fft_lr:g}/{m.lora_lr:g}")
+        later = chosen
+        rows += self._run_chunks(program, data, steps, later, compiled)
+        best: dict[str, list[float]] = {}
+        for r in rows:
+            best.setdefault(r["method"], []).append(r["test"])
+        _say(f"{program.name}: {len(first)} + {len(later)} members in {time.time() - t0:.0f} s; "
+             + ", ".join(f"{m} test {np.mean(v):.1f}" for m, v in best.items()))
+        return rows
+
+    def _run_chunks(self, program: Program, data: TaskData, steps, members: list,
+                    compiled) -> list[dict]:
+        """``members`` in chunks of the compiled width (the last padded); a chunk that fails is
+        retried once, in two halves when the device ran out of memory."""
+        width = compiled.num_members if compiled is not None else max(1, len(members))
+        rows = []
+        for start in range(0, len(members), width):
+            chunk = members[start:start + width]
+            self.timings["programs"][program.name].setdefault("chunks", []).append(len(chunk))
+            try:
+                rows += self.run_program(program, data, steps=steps, members=chunk,
                                          compiled=compiled)
-        except Exception as error:  # noqa: BLE001 - reported, retried, then listed as failed
-            memory = "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
-            _say(f"{program.name}: failed ({type(error).__name__}: {str(error)[:300]}); "
-                 f"retrying{' in two halves' if memory and len(program.members) > 1 else ''}")
-            rows = []
-            halves = ([program.members[:len(program.members) // 2],
-                       program.members[len(program.members) // 2:]]
-                      if memory and len(program.members) > 1 else [program.members])
+                continue
+            except Exception as error:  # noqa: BLE001 - reported, retried, then listed
+                memory = ("RESOURCE_EXHAUSTED" in str(error)
+                          or "out of memory" in str(error).lower())
+                split = memory and len(chunk) > 1
+                _say(f"{program.name}: failed ({type(error).__name__}: {str(error)[:300]}); "
+                     f"retrying{' in two halves' if split else ''}")
+            halves = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]] if split else [chunk]
             for part in halves:
-                try:
+                try:  # compiled at the part's own size
                     rows += self.run_program(program, data, steps=steps, members=part)
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
                     self.failed += [f"{program.name}:s{m.seed}:{m.fft_lr:g}/{m.lora_lr:g}"
                                     for m in part]
-        best = {}
-        for r in rows:
-            best.setdefault(r["method"], []).append(r["test"])
-        _say(f"{program.name}: {len(program.members)} members in {time.time() - t0:.0f} s; "
-             + ", ".join(f"{m} test {np.mean(v):.1f}" for m, v in best.items()))
         return rows
 
     def _write(self, rows: list[dict]) -> None:
