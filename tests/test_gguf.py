@@ -138,6 +138,26 @@ def test_real_model_tokenizer_matches_transformers_gguf_tokenizer(tokenizer, rea
         assert getattr(tokenizer, attr) == getattr(reference_tokenizer, attr), attr
 
 
+def test_sql_generation_budget_covers_every_gold_query_with_room(tokenizer):
+    """The reproduction stops SQL generation after SQL_MAX_NEW_TOKENS: every gold query of the
+    gpu preset's evaluation sets (three seeds) and its EOS fit with 16 tokens to spare, so a
+    right answer is never cut."""
+    from molf_jax.data import load_task, sql_example
+    from molf_jax.experiments.plan import PRESETS
+    from molf_jax.experiments.scoring import SQL_MAX_NEW_TOKENS
+
+    size = PRESETS["gpu"]["sql"]
+    longest = 0
+    for seed in (0, 1, 2):
+        data = load_task("sql", "offline", size=size.task_size, seed=seed,
+                         offline_options=dict(size.offline_options), eval_size=size.eval_size)
+        longest = max(longest, *(len(tokenizer(sql_example(r).target,
+                                               add_special_tokens=False)["input_ids"])
+                                 for r in data.eval))
+    assert longest > 20  # the queries are really tokenised
+    assert longest + 1 + 16 <= SQL_MAX_NEW_TOKENS
+
+
 @pytest.fixture(scope="module")
 def flax_model(converted_dir):
     from molf_jax.checkpoints import load_hf

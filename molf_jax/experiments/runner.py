@@ -7,9 +7,10 @@ chosen setting. A program runs in two phases with one compilation of `program_wi
 the first seed's members, then the chosen settings' later seeds (padded with repeats, which are
 never scored).
 
-Every task's base model is scored first, while the programs compile in threads. Rows are
-written to ``OUT/rows/*.json`` as they come, so a killed sweep resumes where it stopped (a
-program whose needed rows all exist is skipped). A chunk of members that fails is retried once,
+Tasks run longest batches first, each task's base model scored while its first program
+compiles (every program compiles in threads ahead). Rows are written to ``OUT/rows/*.json`` as
+they come, so a killed sweep resumes where it stopped (a program whose needed rows all exist is
+skipped). A chunk of members that fails is retried once,
 split in two halves when the device ran out of memory; what still fails is listed in
 ``failed_runs``, never left out silently.
 """
@@ -33,6 +34,15 @@ from molf_jax.experiments.plan import (PRESETS, Plan, Program, TaskSize, grid_la
                                        program_width, programs)
 
 __all__ = ["Runner", "collect", "row_name", "read_rows"]
+
+# The interpreter's switch interval while programs compile in threads. A thread that traces and
+# lowers a program keeps the GIL for up to the interval each time the main thread gives it up,
+# and the main thread gives it up at every dispatch and device read: 1,000 small jitted calls
+# took 0.016-0.024 s alone, 4.3-6.5 s beside one lowering thread with Python's default 5 ms, and
+# 0.28-0.36 s with 0.1 ms (`python scripts/bench_dispatch.py`, two runs on the 2-core CI-like
+# machine). In the 908 s sitting the GPU idled most of the first 330 s while four threads
+# compiled.
+COMPILING_SWITCH_INTERVAL = 1e-4
 
 
 def row_name(row: dict) -> str:
@@ -340,9 +350,9 @@ class Runner:
     def run(self, plan: Plan, *, steps: int | None = None) -> list[dict]:
         """Runs every program of ``plan`` that has rows missing; returns all rows on disk.
 
-        Every task's data is made first and all programs go to the compile threads at once, in
-        plan order, so the next task's programs compile while this one trains; every task's
-        base model is scored before the first program runs.
+        Every task's data is made first; tasks run longest batches first, and all programs go to
+        the compile threads at once in that order, so the next programs compile while one
+        trains.
         """
         first = self._first_seed = plan.seeds[0]
         on_disk = read_rows(self.out_dir)
@@ -371,20 +381,26 @@ class Runner:
             timing["data_seconds"] = round(time.time() - t0, 1)
             _say(f"{task}: data ready ({time.time() - t0:.1f} s); {len(todo)} programs")
             work.append((task, data, todo, base_done))
+        # Longest batches first: their steps keep the GPU busy however slowly the host
+        # dispatches while the compile threads run; short-step tasks come once most compiles
+        # are done. (Order does not change any row.)
+        work.sort(key=lambda w: -w[1].length)
+        self.timings["task_order"] = [task for task, *_ in work]
         # Programs compile in threads ahead of the one training (XLA compiles on the host).
         pool = ThreadPoolExecutor(max_workers=self.compile_ahead)
         futures = {p.name: pool.submit(self.compiled, p, data, steps)
                    for _, data, todo, _ in work for p in todo}
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(COMPILING_SWITCH_INTERVAL)
         try:
-            # Every task's base model first (its scores bring the scoring functions' first
-            # compilations), while the first programs compile.
             for task, data, todo, base_done in work:
                 if not base_done:
+                    # The base model's scores (with the scoring functions' first compilations)
+                    # while the task's first program compiles.
                     self.first_start = self.first_start or time.time()
                     t1 = time.time()
                     self._write([self.base_row(task, data, first)])
                     self.timings["tasks"][task]["base_seconds"] = round(time.time() - t1, 1)
-            for task, data, todo, base_done in work:
                 for program in todo:
                     self._write(self._run_phases(program, data, steps,
                                                  futures.pop(program.name)))
@@ -392,6 +408,7 @@ class Runner:
             for future in futures.values():
                 future.cancel()
             pool.shutdown()
+            sys.setswitchinterval(switch)
         return read_rows(self.out_dir)
 
     def _run_phases(self, program: Program, data: TaskData, steps, future) -> list[dict]:
