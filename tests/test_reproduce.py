@@ -241,6 +241,15 @@ def test_a_program_too_large_for_the_device_runs_in_equal_chunks_with_the_same_r
     assert sorted(whole_remat["compile_seconds"]) == ["3/full", "3/none"]
     for label, row in expected.items():
         assert got[label]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-5)
+    # A task that names its candidates is never compiled with the others.
+    import dataclasses
+
+    smoke = dict(experiments.PRESETS["smoke"])
+    smoke["fact"] = dataclasses.replace(smoke["fact"], remat=("full",))
+    monkeypatch.setitem(experiments.PRESETS, "smoke", smoke)
+    only_full, _ = rows_of(tmp_path / "task_remat", lambda self, program: True,
+                           remat=("none", "full"))
+    assert list(only_full["compile_seconds"]) == ["3/full"] and only_full["remat"] == "full"
 
 
 def test_sql_accuracy_is_split_into_the_query_kinds_training_saw_and_those_it_never_saw():

@@ -69,6 +69,8 @@ class TaskSize:
         ``offline_options``) as ``(name, value)`` pairs, e.g. sql's held-out query kinds.
       score_batch: rows per scoring pass; validation and test are scored together, so one
         pass (or a few for fact's many short queries) scores a member.
+      remat: the runner's rematerialisation candidates this task keeps (None: all), for a task
+        whose steps are known not to fit without it: each candidate tried is a compilation.
     """
 
     task_size: int
@@ -79,6 +81,7 @@ class TaskSize:
     eval_size: int | None = None
     offline_options: tuple[tuple[str, Any], ...] = ()
     score_batch: int = 256
+    remat: tuple[str, ...] | None = None
 
 
 # SQL query kinds training never sees (`molf_jax.data.SQL_KINDS`): the test keeps the natural
@@ -92,13 +95,16 @@ PRESETS: dict[str, dict[str, TaskSize]] = {
     # most 16 tokens in three.
     "gpu": {"med": TaskSize(320, 64, None, score_batch=576),
             "fact": TaskSize(1536, 256, 1280, epochs=3.0, score_batch=4096),
+            # Without rematerialisation one sql member's step needs 37 GiB of temporaries (the
+            # compiler's memory analysis, fft, 448 tokens; 6 GiB with it): in the 908 s sitting
+            # six of sql's programs compiled both ways and none fitted 3 members without it.
             "sql": TaskSize(640, 64, 400, 512, eval_size=464,
                             offline_options=(("held_out_kinds", SQL_HELD_OUT),),
-                            score_batch=512)},
+                            score_batch=512, remat=("full",))},
     # Designs tried for a regime where LoRA might win (issue 24), run beside the plan:
     # few examples, many passes (FFT may overfit where LoRA learns less).
     "design_sql_few": {"sql": TaskSize(96, 64, 400, 512, epochs=6.0, eval_size=464,
-                                       score_batch=512)},
+                                       score_batch=512, remat=("full",))},
     # Tiny sizes for the test suite (with a tiny model).
     "smoke": {"med": TaskSize(8, 4, 4, 512),
               "fact": TaskSize(8, 4, 4, 512),

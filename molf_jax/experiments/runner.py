@@ -233,10 +233,12 @@ class Runner:
             return built[k, remat]
 
         k = program_width(program, self._first_seed)
+        # The task's own candidates where it knows some cannot fit (a wasted compile each).
+        remats = [r for r in self.remats if r in (data.size.remat or self.remats)] or self.remats
         while True:
-            fitting = next((r for r in self.remats if self._fits(build(k, r))), None)
+            fitting = next((r for r in remats if self._fits(build(k, r))), None)
             if fitting is not None or k == 1:
-                remat = fitting or self.remats[-1]
+                remat = fitting or remats[-1]
                 break
             k = -(-k // 2)
         self.timings["programs"].setdefault(program.name, {})["remat"] = remat
