@@ -95,9 +95,10 @@ PRESETS: dict[str, dict[str, TaskSize]] = {
     # most 16 tokens in three.
     "gpu": {"med": TaskSize(320, 64, None, score_batch=576),
             "fact": TaskSize(1536, 256, 1280, epochs=3.0, score_batch=4096),
-            # Without rematerialisation one sql member's step needs 37 GiB of temporaries (the
-            # compiler's memory analysis, fft, 448 tokens; 6 GiB with it): in the 908 s sitting
-            # six of sql's programs compiled both ways and none fitted 3 members without it.
+            # Without rematerialisation one sql member's step needs 37 GiB of temporaries (XLA's
+            # memory analysis of the CPU compile, fft, 448 tokens; 6 GiB with it): in the 908 s
+            # sitting six of sql's programs compiled both ways on the GPU and none fitted 3
+            # members without it.
             "sql": TaskSize(640, 64, 400, 512, eval_size=464,
                             offline_options=(("held_out_kinds", SQL_HELD_OUT),),
                             score_batch=512, remat=("full",))},
