@@ -185,6 +185,9 @@ def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
         assert (timing["members"], timing["chunks"], timing["scored"]) == (
             width + 1, [width, 1], width + 1)
         assert list(timing["compile_seconds"]) == [f"{width}/none"]
+        # The timeline: compiled before it started, started before it finished.
+        assert 0 <= timing["compiled_at"] <= timing["started_at"] + timing[
+            "compile_wait_seconds"] + 0.1 and timing["started_at"] < timing["finished_at"]
     trained = [r for r in rows if r["method"] != "base"]
     # Same examples in the same order within a seed: the same steps and tokens per seed.
     for seed in (0, 1):

@@ -129,6 +129,7 @@ class Runner:
         self._first_seed: int | None = None
         # Wall time of the plan: the first program's start to the last row written.
         self.first_start: float | None = None
+        self._clock = time.time()
         self.last_row: float | None = None
 
     # -- data ---------------------------------------------------------------------------------
@@ -241,8 +242,11 @@ class Runner:
                 remat = fitting or remats[-1]
                 break
             k = -(-k // 2)
-        self.timings["programs"].setdefault(program.name, {})["remat"] = remat
-        return build(k, remat)
+        timing = self.timings["programs"].setdefault(program.name, {})
+        timing["remat"] = remat
+        built_program = build(k, remat)
+        timing["compiled_at"] = self._since_start()
+        return built_program
 
     def _fits(self, program) -> bool:
         import jax
@@ -388,6 +392,8 @@ class Runner:
         # are done. (Order does not change any row.)
         work.sort(key=lambda w: -w[1].length)
         self.timings["task_order"] = [task for task, *_ in work]
+        # The timeline (``*_at``: seconds since this point) shows where the GPU waited.
+        self._clock = time.time()
         # Programs compile in threads ahead of the one training (XLA compiles on the host).
         pool = ThreadPoolExecutor(max_workers=self.compile_ahead)
         futures = {p.name: pool.submit(self.compiled, p, data, steps)
@@ -402,7 +408,8 @@ class Runner:
                     self.first_start = self.first_start or time.time()
                     t1 = time.time()
                     self._write([self.base_row(task, data, first)])
-                    self.timings["tasks"][task]["base_seconds"] = round(time.time() - t1, 1)
+                    self.timings["tasks"][task].update(base_seconds=round(time.time() - t1, 1),
+                                                       base_done_at=self._since_start())
                 for program in todo:
                     self._write(self._run_phases(program, data, steps,
                                                  futures.pop(program.name)))
@@ -425,6 +432,7 @@ class Runner:
             compiled = None
         timing = self.timings["programs"].setdefault(program.name, {})
         timing["compile_wait_seconds"] = round(time.time() - t0, 1)
+        timing["started_at"] = round(t0 - self._clock, 1)
         first, later = phases(program, self._first_seed)
         rows = self._run_chunks(program, data, steps, first, compiled)
         chosen = []
@@ -440,7 +448,9 @@ class Runner:
         best: dict[str, list[float]] = {}
         for r in rows:
             best.setdefault(r["method"], []).append(r["test"])
-        _say(f"{program.name}: {len(first)} + {len(later)} members in {time.time() - t0:.0f} s; "
+        timing["finished_at"] = self._since_start()
+        _say(f"[{timing['finished_at']:.0f} s] {program.name}: {len(first)} + {len(later)} "
+             f"members in {time.time() - t0:.0f} s; "
              + ", ".join(f"{m} test {np.mean(v):.1f}" for m, v in best.items()))
         return rows
 
@@ -481,6 +491,9 @@ class Runner:
             tmp.write_text(json.dumps(row))
             tmp.replace(path)
         self.last_row = time.time()
+
+    def _since_start(self) -> float:
+        return round(time.time() - self._clock, 1)
 
     @property
     def plan_wall_seconds(self) -> float | None:
