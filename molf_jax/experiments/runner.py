@@ -10,9 +10,8 @@ never scored).
 Tasks run longest batches first, each task's base model scored while its first program
 compiles (every program compiles in threads ahead). Rows are written to ``OUT/rows/*.json`` as
 they come, so a killed sweep resumes where it stopped (a program whose needed rows all exist is
-skipped). A chunk of members that fails is retried once,
-split in two halves when the device ran out of memory; what still fails is listed in
-``failed_runs``, never left out silently.
+skipped). A chunk of members that fails is retried once, split in two halves when the device
+ran out of memory; what still fails is listed in ``failed_runs``, never left out silently.
 """
 
 from __future__ import annotations
