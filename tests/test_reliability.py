@@ -31,9 +31,11 @@ STEPS, SAVE_EVERY, KILLS = 12, 2, 5
 
 # Runs the CLI; with MOLF_TEST_KILL_AT=k the process sends itself MOLF_TEST_SIGNAL (SIGKILL
 # unless named) right after writing the metrics row of step k (inside the loop, before that
-# step's checkpoint when one is due).
+# step's checkpoint when one is due). SIGINT gets Python's default handler, as in a terminal: a
+# shell without job control starts background jobs with SIGINT ignored, and the CLI inherits it.
 _LAUNCHER = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from molf_jax.train import runlog
 kill_at = int(os.environ.get("MOLF_TEST_KILL_AT", "0"))
 kill_with = getattr(signal, os.environ.get("MOLF_TEST_SIGNAL", "SIGKILL"))
