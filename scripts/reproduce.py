@@ -8,7 +8,7 @@ paired intervals, forgetting, and the routing study; the harness is `molf_jax.ex
 
 Outputs in ``--out-dir`` (default ``reproduce_results``): ``rows/*.json`` (one per method,
 setting and seed, with per-case test scores; a rerun skips programs whose rows exist),
-``results.json`` and ``plots/``.
+``timings.json`` (rewritten after each program), ``results.json`` and ``plots/``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def main(argv=None) -> None:
         old = json.loads((out_dir / "results.json").read_text())
         command, wall = old.get("command", command), old.get("plan_wall_seconds")
         failed, timings = old.get("failed_runs", []), old.get("timings", {})
+    elif (out_dir / "timings.json").is_file():  # a run stopped before its results.json
+        timings = json.loads((out_dir / "timings.json").read_text())
     results, rows = collect(out_dir, args.seeds, command=command, plan_wall_seconds=wall,
                             failed_runs=failed, timings=timings, preset=args.preset)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))

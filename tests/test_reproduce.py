@@ -188,6 +188,9 @@ def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
         # The timeline: compiled before it started, started before it finished.
         assert 0 <= timing["compiled_at"] <= timing["started_at"] + timing[
             "compile_wait_seconds"] + 0.1 and timing["started_at"] < timing["finished_at"]
+    # timings.json, rewritten after each program, holds the run's last state (a run stopped
+    # before results.json still shows where its time went).
+    assert json.loads((out / "timings.json").read_text()) == results["timings"]
     trained = [r for r in rows if r["method"] != "base"]
     # Same examples in the same order within a seed: the same steps and tokens per seed.
     for seed in (0, 1):

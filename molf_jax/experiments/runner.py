@@ -31,6 +31,7 @@ import numpy as np
 
 from molf_jax.experiments.plan import (PRESETS, Plan, Program, TaskSize, grid_labels, phases,
                                        program_width, programs)
+from molf_jax.paths import write_replacing
 
 __all__ = ["Runner", "collect", "row_name", "read_rows"]
 
@@ -409,6 +410,7 @@ class Runner:
                     self._write([self.base_row(task, data, first)])
                     self.timings["tasks"][task].update(base_seconds=round(time.time() - t1, 1),
                                                        base_done_at=self._since_start())
+                    self._write_timings()
                 for program in todo:
                     self._write(self._run_phases(program, data, steps,
                                                  futures.pop(program.name)))
@@ -449,9 +451,17 @@ class Runner:
             best.setdefault(r["method"], []).append(r["test"])
         timing["finished_at"] = self._since_start()
         _say(f"[{timing['finished_at']:.0f} s] {program.name}: {len(first)} + {len(later)} "
-             f"members in {time.time() - t0:.0f} s; "
+             f"members in {time.time() - t0:.0f} s (compile wait "
+             f"{timing['compile_wait_seconds']:.0f}, train {timing.get('train_seconds', 0):.0f}, "
+             f"score {timing.get('score_seconds', 0):.0f}); "
              + ", ".join(f"{m} test {np.mean(v):.1f}" for m, v in best.items()))
+        self._write_timings()
         return rows
+
+    def _write_timings(self) -> None:
+        """``timings.json`` in the output folder, rewritten after each program, so that a run
+        stopped before ``results.json`` still shows where its time went."""
+        write_replacing(self.out_dir / "timings.json", json.dumps(self.timings, indent=1))
 
     def _run_chunks(self, program: Program, data: TaskData, steps, members: list,
                     compiled) -> list[dict]:
@@ -485,10 +495,7 @@ class Runner:
     def _write(self, rows: list[dict]) -> None:
         for row in rows:
             row.setdefault("device", self.device)
-            path = self.out_dir / "rows" / f"{row_name(row)}.json"
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(row))
-            tmp.replace(path)
+            write_replacing(self.out_dir / "rows" / f"{row_name(row)}.json", json.dumps(row))
         self.last_row = time.time()
 
     def _since_start(self) -> float:
