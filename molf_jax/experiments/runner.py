@@ -246,6 +246,8 @@ class Runner:
         timing["remat"] = remat
         built_program = build(k, remat)
         timing["compiled_at"] = self._since_start()
+        _say(f"[{timing['compiled_at']:.0f} s] {program.name}: compiled for {k} members "
+             f"(remat {remat}; {', '.join(f'{s} s' for s in timing['compile_seconds'].values())})")
         return built_program
 
     def _fits(self, program) -> bool:
