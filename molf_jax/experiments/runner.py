@@ -463,7 +463,10 @@ class Runner:
     def _write_timings(self) -> None:
         """``timings.json`` in the output folder, rewritten after each program, so that a run
         stopped before ``results.json`` still shows where its time went."""
-        write_replacing(self.out_dir / "timings.json", json.dumps(self.timings, indent=1))
+        # Compile threads add to the timings meanwhile: json's C encoder (no indent) reads them
+        # in one call that runs no Python code, so no thread changes them halfway.
+        snapshot = json.loads(json.dumps(self.timings))
+        write_replacing(self.out_dir / "timings.json", json.dumps(snapshot, indent=1))
 
     def _run_chunks(self, program: Program, data: TaskData, steps, members: list,
                     compiled) -> list[dict]:
