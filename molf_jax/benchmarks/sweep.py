@@ -6,7 +6,10 @@ Each (task, mode) program is built exactly as `molf_jax.experiments.runner.Runne
 (same config, batch shape, target budget and K members). Step times are medians of
 ``--steps`` steps after two warm-up steps, synchronised on the last one; scoring times are the
 second of two calls (the first compiles). XLA flags (``XLA_FLAGS``) are the caller's: run the
-script once per setting to compare them. One JSON goes to ``--out``.
+script once per setting to compare them. With ``--trace DIR`` three more steps of each program
+are profiled (`jax.profiler`, a Perfetto trace under DIR) and summarised in the report: the
+wall time of the steps, the time the device was busy, its kernel launches and the kernels that
+took the most time (`trace_summary`). One JSON goes to ``--out``.
 
 Example (one H100, the converted Gemma 3 270M in /tmp/gemma3-270m):
   python scripts/bench_sweep.py --model /tmp/gemma3-270m --tasks fact sql --out bench_sweep.json
@@ -53,7 +56,51 @@ def _build(runner, program, data, k: int, remat: str):
                          loss_tokens=budget), members, iterators
 
 
-def _time_steps(runner, compiled, members, iterators, steps: int) -> dict:
+def trace_summary(trace_dir: str, top: int = 12) -> dict:
+    """Device activity of a Perfetto trace written by ``jax.profiler.trace(...,
+    create_perfetto_trace=True)``, per line of the device (its streams, and the XLA op and
+    module lines where the profiler writes them): events, time covered (the sum of the events'
+    durations), the span from the first event to the last, and the names of most total time."""
+    import glob
+    import gzip
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True))
+    if not paths:
+        return {"error": f"no perfetto_trace.json.gz under {trace_dir}"}
+    with gzip.open(paths[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    meta = [e for e in events if e.get("ph") == "M"]
+    processes = {e["pid"]: str(e.get("args", {}).get("name", "")) for e in meta
+                 if e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in meta
+               if e.get("name") == "thread_name"}
+    lines: dict[tuple, list[dict]] = {}
+    for e in events:
+        if e.get("ph") == "X" and "/device:" in processes.get(e.get("pid"), ""):
+            lines.setdefault((e["pid"], e.get("tid")), []).append(e)
+    if not lines:
+        return {"error": "no device events in the trace", "processes": sorted(processes.values())}
+    out = {}
+    for key, line in sorted(lines.items(), key=lambda kv: -len(kv[1])):
+        per_name: dict[str, list[float]] = {}
+        for e in line:
+            per_name.setdefault(e["name"], []).append(float(e.get("dur", 0)))
+        start = min(float(e["ts"]) for e in line)
+        end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in line)
+        busiest = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+        out[f"{processes[key[0]]} | {threads.get(key, key[1])}"] = {
+            "events": len(line), "distinct": len(per_name),
+            "span_ms": round((end - start) / 1e3, 2),
+            "covered_ms": round(sum(float(e.get("dur", 0)) for e in line) / 1e3, 2),
+            "top": [{"name": n[:100], "count": len(d), "total_ms": round(sum(d) / 1e3, 3)}
+                    for n, d in busiest]}
+    return out
+
+
+def _time_steps(runner, compiled, members, iterators, steps: int,
+                trace_dir: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -83,9 +130,25 @@ def _time_steps(runner, compiled, members, iterators, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     median = statistics.median(times[2:])
     stats = jax.local_devices()[0].memory_stats() or {}
-    return {"step_ms": round(1e3 * median, 2),
-            "member_step_ms": round(1e3 * median / len(members), 2),
-            "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 1)}
+    out = {"step_ms": round(1e3 * median, 2),
+           "member_step_ms": round(1e3 * median / len(members), 2),
+           "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 1)}
+    if trace_dir is not None:
+        batches = []
+        for step in range(3):
+            batch = _stack_members([[next(it)] for it in iterators])
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            batch["step"] = jnp.full((len(members),), steps + 2 + step, jnp.int32)
+            batches.append(batch)
+        t0 = time.perf_counter()
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for batch in batches:
+                trainable, state, kept = compiled.step(trainable, state, batch, seeds, peaks,
+                                                       frozen)
+            jax.block_until_ready(kept["loss"])
+        out["traced_3_steps_ms"] = round(1e3 * (time.perf_counter() - t0), 1)
+        out["trace"] = trace_summary(trace_dir)
+    return out
 
 
 def _time_scoring(runner, task: str, data, batches) -> dict:
@@ -120,13 +183,17 @@ def main(argv=None) -> None:
     p.add_argument("--modes", nargs="+", default=["fft", "lora", "molf"])
     p.add_argument("--members", nargs="+", default=["fft=3", "lora=2", "molf=5"],
                    help="K per mode, e.g. fft=3")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default="task",
+                   help="rematerialisation: 'task' (the task's first candidate, as the runner "
+                        "compiles it) or one of none/full/...")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=4,
                    help="compile the programs again this many at a time (0: skip)")
     p.add_argument("--score-batches", nargs="*",
                    default=["med=256,576", "fact=256,4096", "sql=256,512"],
                    help="rows per scoring pass to time, per task (task=b1,b2); none: skip")
+    p.add_argument("--trace", default=None,
+                   help="profile three more steps of each program into DIR/<program>")
     p.add_argument("--out", default="bench_sweep.json")
     args = p.parse_args(argv)
     print(use_device_memory(), flush=True)
@@ -143,21 +210,24 @@ def main(argv=None) -> None:
         for program, k in _programs(runner, task, args.modes, members, data):
             work.append((task, data, program, k))
     # Alone: one compile at a time.
+    def remat_of(data) -> str:
+        return (data.size.remat or ("none",))[0] if args.remat == "task" else args.remat
+
     compiled = {}
     for task, data, program, k in work:
-        built, mems, iterators = _build(runner, program, data, k, args.remat)
+        built, mems, iterators = _build(runner, program, data, k, remat_of(data))
         t0 = time.perf_counter()
         built.compile()
         seconds = round(time.perf_counter() - t0, 1)
         compiled[program.name] = (built, mems, iterators)
-        report["tasks"][task]["programs"][program.name] = {"members": k,
+        report["tasks"][task]["programs"][program.name] = {"members": k, "remat": remat_of(data),
                                                            "compile_alone_s": seconds}
         print(f"{program.name}: K={k} compiled alone in {seconds} s", flush=True)
     if args.threads:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.threads) as pool:
-            list(pool.map(lambda w: _build(runner, w[2], w[1], w[3], args.remat)[0].compile(),
-                          work))
+            list(pool.map(lambda w: _build(runner, w[2], w[1], w[3],
+                                            remat_of(w[1]))[0].compile(), work))
         report["compile_all_threads_s"] = round(time.perf_counter() - t0, 1)
         report["compile_all_alone_s"] = round(sum(
             p["compile_alone_s"] for t in report["tasks"].values()
@@ -167,9 +237,10 @@ def main(argv=None) -> None:
               flush=True)
     for task, data, program, k in work:
         built, mems, iterators = compiled.pop(program.name)
-        timing = _time_steps(runner, built, mems, iterators, args.steps)
+        timing = _time_steps(runner, built, mems, iterators, args.steps,
+                             os.path.join(args.trace, program.name) if args.trace else None)
         report["tasks"][task]["programs"][program.name].update(timing)
-        print(f"{program.name}: {timing}", flush=True)
+        print(f"{program.name}: {json.dumps(timing)}", flush=True)
         del built
     score_batches = {t: [int(b) for b in bs.split(",")]
                      for t, bs in (s.split("=") for s in args.score_batches)}
