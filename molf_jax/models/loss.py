@@ -10,6 +10,12 @@ a rematerialised ``lax.scan``: the forward pass keeps only per-token log-sum-exp
 logits, and the backward pass recomputes each chunk's logits. With Gemma's 262k vocabulary this
 is the difference between ~1 GiB per 1k tokens and a few MiB.
 
+A tied head multiplies by the embedding as it is stored, [V, D] (``vocab_major``), not by its
+transpose: the gradient then accumulates over the chunks in the embedding's own layout. With the
+transpose, XLA kept the accumulated gradient [D, V] and fused a transpose into the optimizer's
+update of the embedding: 27 of the 92 ms of a 5-member molf step on fact (H100; `python
+scripts/bench_sweep.py --trace`, kernel ``input_transpose_fusion``).
+
 With ``loss_tokens`` the head runs only on the positions that have a target: their first
 ``loss_tokens`` are gathered before the head (the caller guarantees no batch has more). Prompts
 and padding never reach the 262k-word matmul; a fine-tuning batch whose targets are a tenth of
@@ -59,16 +65,20 @@ def next_token_loss(model, params: Any, input_ids: jax.Array, attention_mask: ja
     hidden = model.apply({"params": params}, input_ids, attention_mask,
                          deterministic=dropout_key is None, return_hidden=True,
                          rngs=None if dropout_key is None else {"dropout": dropout_key})
-    return next_token_loss_sum(constrain_hidden(hidden), output_kernel(params, model.config),
-                               input_ids, loss_mask, chunk=chunk,
-                               softcap=model.config.final_logit_softcapping,
-                               loss_tokens=loss_tokens)
+    if model.config.tie_word_embeddings:
+        head, vocab_major = params["embed_tokens"]["embedding"], True
+    else:
+        head, vocab_major = output_kernel(params, model.config), False
+    return next_token_loss_sum(constrain_hidden(hidden), head, input_ids, loss_mask,
+                               chunk=chunk, softcap=model.config.final_logit_softcapping,
+                               loss_tokens=loss_tokens, vocab_major=vocab_major)
 
 
 def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: jax.Array,
                         loss_mask: jax.Array, *, chunk: int = 1024,
                         softcap: float | None = None,
-                        loss_tokens: int | None = None) -> tuple[jax.Array, jax.Array]:
+                        loss_tokens: int | None = None,
+                        vocab_major: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sum of target-token losses and the number of target tokens.
 
     Position t predicts token t+1, which counts when ``loss_mask[:, t+1]`` is 1 (the shared batch
@@ -76,13 +86,15 @@ def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: 
 
     Args:
       hidden: [B, T, D] final (normed) hidden states.
-      output_kernel: [D, V] lm_head kernel or tied embedding transposed.
+      output_kernel: [D, V] lm_head kernel, or with ``vocab_major`` a [V, D] tied embedding.
       input_ids, loss_mask: [B, T] int arrays.
       chunk: tokens per logits chunk.
       softcap: final logit soft-capping (cap * tanh(logits / cap)) when the model has one.
       loss_tokens: gather the first this many target positions (in row-major order) and run
         the head on them alone; a batch with more targets would lose the rest, so the caller
         bounds it (`molf_jax.data.loss_token_budget`). None: every position.
+      vocab_major: ``output_kernel`` is [V, D] (the same logits; its gradient keeps that
+        layout).
 
     Returns:
       (loss_sum float32 scalar, target_count float32 scalar).
@@ -113,8 +125,12 @@ def next_token_loss_sum(hidden: jax.Array, output_kernel: jax.Array, input_ids: 
 
     @jax.checkpoint
     def chunk_loss(h_c, y_c, w_c):
-        logits = jnp.dot(h_c, output_kernel.astype(h_c.dtype),
-                         preferred_element_type=jnp.float32)
+        if vocab_major:
+            logits = jnp.einsum("cd,vd->cv", h_c, output_kernel.astype(h_c.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.dot(h_c, output_kernel.astype(h_c.dtype),
+                             preferred_element_type=jnp.float32)
         logits = soft_cap(logits, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
