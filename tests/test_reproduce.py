@@ -256,6 +256,13 @@ def test_a_program_too_large_for_the_device_runs_in_equal_chunks_with_the_same_r
     only_full, _ = rows_of(tmp_path / "task_remat", lambda self, program: True,
                            remat=("none", "full"))
     assert list(only_full["compile_seconds"]) == ["3/full"] and only_full["remat"] == "full"
+    # The task's XLA options reach the compiler: an unknown one fails the compilation ahead,
+    # and the chunk compiles for itself (without them) to the same rows.
+    smoke["fact"] = dataclasses.replace(smoke["fact"], compiler_options=(("no_such_option", 1),))
+    unknown, got = rows_of(tmp_path / "options", None)
+    assert "compile_seconds" not in unknown and unknown["chunks"] == [3]
+    for label, row in expected.items():
+        assert got[label]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-5)
 
 
 def test_sql_accuracy_is_split_into_the_query_kinds_training_saw_and_those_it_never_saw():

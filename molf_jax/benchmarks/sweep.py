@@ -192,6 +192,9 @@ def main(argv=None) -> None:
     p.add_argument("--score-batches", nargs="*",
                    default=["med=256,576", "fact=256,4096", "sql=256,512"],
                    help="rows per scoring pass to time, per task (task=b1,b2); none: skip")
+    p.add_argument("--task-options", action="store_true",
+                   help="compile with the task's own XLA options (TaskSize.compiler_options), "
+                        "as the runner does; without it only XLA_FLAGS apply")
     p.add_argument("--trace", default=None,
                    help="profile three more steps of each program into DIR/<program>")
     p.add_argument("--out", default="bench_sweep.json")
@@ -217,7 +220,7 @@ def main(argv=None) -> None:
     for task, data, program, k in work:
         built, mems, iterators = _build(runner, program, data, k, remat_of(data))
         t0 = time.perf_counter()
-        built.compile()
+        built.compile(dict(data.size.compiler_options) if args.task_options else None)
         seconds = round(time.perf_counter() - t0, 1)
         compiled[program.name] = (built, mems, iterators)
         report["tasks"][task]["programs"][program.name] = {"members": k, "remat": remat_of(data),
@@ -227,7 +230,9 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.threads) as pool:
             list(pool.map(lambda w: _build(runner, w[2], w[1], w[3],
-                                            remat_of(w[1]))[0].compile(), work))
+                                            remat_of(w[1]))[0].compile(
+                                                dict(w[1].size.compiler_options)
+                                                if args.task_options else None), work))
         report["compile_all_threads_s"] = round(time.perf_counter() - t0, 1)
         report["compile_all_alone_s"] = round(sum(
             p["compile_alone_s"] for t in report["tasks"].values()

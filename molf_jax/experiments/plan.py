@@ -71,6 +71,8 @@ class TaskSize:
         pass (or a few for fact's many short queries) scores a member.
       remat: the runner's rematerialisation candidates this task keeps (None: all), for a task
         whose steps are known not to fit without it: each candidate tried is a compilation.
+      compiler_options: XLA options of the task's training steps, as ``(name, value)`` pairs
+        (`molf_jax.experiments.sweep.MemberProgram.compile`).
     """
 
     task_size: int
@@ -82,6 +84,16 @@ class TaskSize:
     offline_options: tuple[tuple[str, Any], ...] = ()
     score_batch: int = 256
     remat: tuple[str, ...] | None = None
+    compiler_options: tuple[tuple[str, Any], ...] = ()
+
+
+# Short steps compile with cuBLAS for every matmul (no Triton GEMM fusions, whose autotuning
+# runs on the GPU beside the training): on one H100 the 5-member molf step of fact compiled in
+# 11.4 s instead of 21.4 s and ran in 88 instead of 92 ms; sql's (448 tokens) in 18.8 instead of
+# 32.1 s but ran in 539 instead of 485 ms, so sql keeps XLA's default (`python
+# scripts/bench_sweep.py --tasks fact sql --modes molf --members molf=5 --threads 0`, with and
+# without XLA_FLAGS=--xla_gpu_enable_triton_gemm=false).
+CUBLAS_GEMMS = (("xla_gpu_enable_triton_gemm", False),)
 
 
 # SQL query kinds training never sees (`molf_jax.data.SQL_KINDS`): the test keeps the natural
@@ -93,8 +105,9 @@ PRESETS: dict[str, dict[str, TaskSize]] = {
     # One 80 GB GPU (H100 or H200).
     # Scoring: med's 568 cases and sql's 464 in one pass each, fact's 12,288 queries of at
     # most 16 tokens in three.
-    "gpu": {"med": TaskSize(320, 64, None, score_batch=576),
-            "fact": TaskSize(1536, 256, 1280, epochs=3.0, score_batch=4096),
+    "gpu": {"med": TaskSize(320, 64, None, score_batch=576, compiler_options=CUBLAS_GEMMS),
+            "fact": TaskSize(1536, 256, 1280, epochs=3.0, score_batch=4096,
+                             compiler_options=CUBLAS_GEMMS),
             # Without rematerialisation one sql member's step needs 37 GiB of temporaries (XLA's
             # memory analysis of the CPU compile, fft, 448 tokens; 6 GiB with it): in the 908 s
             # sitting six of sql's programs compiled both ways on the GPU and none fitted 3

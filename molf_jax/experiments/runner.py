@@ -227,7 +227,8 @@ class Runner:
                 started = time.time()
                 built[k, remat] = MemberProgram(
                     dataclasses.replace(config, remat=remat), self.source.config,
-                    self.base_params, k, total, shape, loss_tokens=budget).compile()
+                    self.base_params, k, total, shape, loss_tokens=budget).compile(
+                        dict(data.size.compiler_options))
                 timing = self.timings["programs"].setdefault(program.name, {})
                 timing.setdefault("compile_seconds", {})[f"{k}/{remat}"] = round(
                     time.time() - started, 1)

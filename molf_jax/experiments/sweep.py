@@ -183,8 +183,13 @@ class MemberProgram:
         self.step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, None)),
                             donate_argnums=(0, 1))
 
-    def compile(self) -> "MemberProgram":
-        """Compiles init and step for the abstract shapes (thread-safe; returns self)."""
+    def compile(self, compiler_options: dict[str, Any] | None = None) -> "MemberProgram":
+        """Compiles init and step for the abstract shapes (thread-safe; returns self).
+
+        Args:
+          compiler_options: XLA options of the step's compilation (``Lowered.compile``'s),
+            e.g. ``{"xla_gpu_enable_triton_gemm": False}``; an unknown name raises.
+        """
         k = self.num_members
         stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype)  # noqa: E731
         trainable = jax.tree.map(stacked, self._abstract[0])
@@ -196,7 +201,8 @@ class MemberProgram:
         self.init = self.init.lower(trainable, peaks).compile()
         self.step = self.step.lower(trainable, opt_state, batch,
                                     jax.ShapeDtypeStruct((k,), jnp.int32), peaks,
-                                    self._abstract[1]).compile()
+                                    self._abstract[1]).compile(
+                                        compiler_options=compiler_options or None)
         return self
 
 
