@@ -183,13 +183,9 @@ class MemberProgram:
         self.step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, None)),
                             donate_argnums=(0, 1))
 
-    def compile(self, compiler_options: dict[str, Any] | None = None) -> "MemberProgram":
-        """Compiles init and step for the abstract shapes (thread-safe; returns self).
-
-        Args:
-          compiler_options: XLA options of the step's compilation (``Lowered.compile``'s),
-            e.g. ``{"xla_gpu_enable_triton_gemm": False}``; an unknown name raises.
-        """
+    def lower(self):
+        """Traces and lowers init and step for the abstract shapes: ``(init, step)`` as
+        `jax.stages.Lowered` (the Python half of `compile`, before XLA)."""
         k = self.num_members
         stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype)  # noqa: E731
         trainable = jax.tree.map(stacked, self._abstract[0])
@@ -198,11 +194,20 @@ class MemberProgram:
         batch = {key: jax.ShapeDtypeStruct((k, *self.batch_shape), jnp.int32)
                  for key in ("input_ids", "attention_mask", "loss_mask")}
         batch["step"] = jax.ShapeDtypeStruct((k,), jnp.int32)
-        self.init = self.init.lower(trainable, peaks).compile()
-        self.step = self.step.lower(trainable, opt_state, batch,
-                                    jax.ShapeDtypeStruct((k,), jnp.int32), peaks,
-                                    self._abstract[1]).compile(
-                                        compiler_options=compiler_options or None)
+        return (self.init.lower(trainable, peaks),
+                self.step.lower(trainable, opt_state, batch,
+                                jax.ShapeDtypeStruct((k,), jnp.int32), peaks, self._abstract[1]))
+
+    def compile(self, compiler_options: dict[str, Any] | None = None) -> "MemberProgram":
+        """Compiles init and step for the abstract shapes (thread-safe; returns self).
+
+        Args:
+          compiler_options: XLA options of the step's compilation (``Lowered.compile``'s),
+            e.g. ``{"xla_gpu_enable_triton_gemm": False}``; an unknown name raises.
+        """
+        init, step = self.lower()
+        self.init = init.compile()
+        self.step = step.compile(compiler_options=compiler_options or None)
         return self
 
 
