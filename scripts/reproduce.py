@@ -37,6 +37,11 @@ def main(argv=None) -> None:
                    help="activations while training (default: bfloat16 on GPUs, else float32)")
     p.add_argument("--no-retention", dest="retention", action="store_false",
                    help="skip the forgetting probe")
+    p.add_argument("--compile-ahead", type=int, default=4,
+                   help="programs compiled in threads while another trains")
+    p.add_argument("--compile-nice", type=int, default=0,
+                   help="raise the compile threads' nice value by this much (Linux), so they "
+                        "yield the CPUs to the thread that feeds the GPU")
     p.add_argument("--out-dir", default="reproduce_results")
     p.add_argument("--render", action="store_true", help="only print the tables")
     p.add_argument("--collect", action="store_true",
@@ -77,7 +82,8 @@ def main(argv=None) -> None:
         # where the members would not fit one program otherwise.
         runner = Runner(args.model, out_dir,
                         compute_dtype=args.compute_dtype or ("bfloat16" if gpu else "float32"),
-                        remat=("none", "full") if gpu else "none", retention=args.retention)
+                        remat=("none", "full") if gpu else "none", retention=args.retention,
+                        compile_ahead=args.compile_ahead, compile_nice=args.compile_nice)
         plan = Plan(tuple(args.tasks), tuple(args.methods), tuple(args.seeds),
                     preset=args.preset, study=args.study)
         runner.run(plan, steps=args.steps)

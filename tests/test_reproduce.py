@@ -2,6 +2,7 @@
 programs, the docs page in step with results.json, and a whole tiny run of scripts/reproduce.py."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -222,16 +223,21 @@ def test_a_program_too_large_for_the_device_runs_in_equal_chunks_with_the_same_r
     model = tiny_hf_folder(tmp_path / "model")
     plan = experiments.Plan(("fact",), ("fft",), (0,), preset="smoke", study=False)
 
-    def rows_of(out, fits, remat="none"):
+    def rows_of(out, fits, remat="none", nice=0):
         if fits is not None:
             monkeypatch.setattr(Runner, "_fits", fits)
-        runner = Runner(str(model), out, compute_dtype="float32", retention=False, remat=remat)
+        runner = Runner(str(model), out, compute_dtype="float32", retention=False, remat=remat,
+                        compile_nice=nice)
         rows = [r for r in runner.run(plan, steps=2) if r["method"] == "fft"]
         return runner.timings["programs"]["fact__fft"], {r["label"]: r for r in rows}
 
-    whole, expected = rows_of(tmp_path / "whole", None)
+    whole, expected = rows_of(tmp_path / "whole", None, nice=3)
     split, got = rows_of(tmp_path / "split", lambda self, program: program.num_members <= 2)
     assert whole["chunks"] == [3] and split["chunks"] == [2, 1]
+    # --compile-nice: the compile threads yield the CPUs (the main thread keeps its priority).
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert whole["compile_thread_nice"] == min(19, base + 3)
+    assert split["compile_thread_nice"] == base == os.getpriority(os.PRIO_PROCESS, 0)
     assert sorted(split["compile_seconds"]) == ["2/none", "3/none"] and split["scored"] == 3
     assert sorted(got) == sorted(GRIDS["fft"])
     for label, row in expected.items():

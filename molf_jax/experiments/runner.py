@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -83,6 +84,9 @@ class Runner:
       compute_dtype: activations of training ('bfloat16' on GPUs; tests use float32).
       retention: score the forgetting probe after every run.
       compile_ahead: programs compiled in threads while another trains.
+      compile_nice: CPU priority of those threads, as ``nice`` (0: the process's; 10: they,
+        and the threads the compiler starts from them, yield the CPUs to the main thread that
+        feeds the GPU). `python scripts/bench_contention.py` measures whether that helps.
       remat: rematerialisation of the layers while training, or candidates in order of
         preference: the first with which a program's members fit is used ('full' trades
         compute for the memory of more members per program), and only when none fits are
@@ -92,7 +96,7 @@ class Runner:
     """
 
     def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
-                 retention: bool = True, compile_ahead: int = 4,
+                 retention: bool = True, compile_ahead: int = 4, compile_nice: int = 0,
                  remat: str | Sequence[str] = "none",
                  reserve_gib: float = 8.0, headroom: float = 0.85):
         from molf_jax import models
@@ -103,7 +107,7 @@ class Runner:
         (self.out_dir / "rows").mkdir(parents=True, exist_ok=True)
         self.compute_dtype = compute_dtype
         self.retention = retention
-        self.compile_ahead = compile_ahead
+        self.compile_ahead, self.compile_nice = compile_ahead, compile_nice
         self.remats = (remat,) if isinstance(remat, str) else tuple(remat)
         self.reserve_bytes, self.headroom = int(reserve_gib * 2**30), headroom
         started = time.time()
@@ -245,6 +249,9 @@ class Runner:
             k = -(-k // 2)
         timing = self.timings["programs"].setdefault(program.name, {})
         timing["remat"] = remat
+        if hasattr(os, "getpriority"):
+            timing["compile_thread_nice"] = os.getpriority(os.PRIO_PROCESS,
+                                                           threading.get_native_id())
         built_program = build(k, remat)
         timing["compiled_at"] = self._since_start()
         _say(f"[{timing['compiled_at']:.0f} s] {program.name}: compiled for {k} members "
@@ -398,7 +405,8 @@ class Runner:
         # The timeline (``*_at``: seconds since this point) shows where the GPU waited.
         self._clock = time.time()
         # Programs compile in threads ahead of the one training (XLA compiles on the host).
-        pool = ThreadPoolExecutor(max_workers=self.compile_ahead)
+        pool = ThreadPoolExecutor(max_workers=self.compile_ahead,
+                                  initializer=self._lower_priority)
         futures = {p.name: pool.submit(self.compiled, p, data, steps)
                    for _, data, todo, _ in work for p in todo}
         switch = sys.getswitchinterval()
@@ -423,6 +431,14 @@ class Runner:
             pool.shutdown()
             sys.setswitchinterval(switch)
         return read_rows(self.out_dir)
+
+    def _lower_priority(self) -> None:
+        """A compile thread's start: its nice value raised by ``compile_nice`` (Linux: per
+        thread, inherited by the threads it starts)."""
+        if self.compile_nice and hasattr(os, "setpriority"):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           os.getpriority(os.PRIO_PROCESS, tid) + self.compile_nice)
 
     def _run_phases(self, program: Program, data: TaskData, steps, future) -> list[dict]:
         """The program's first-seed members, then the later seeds of the settings they chose,
