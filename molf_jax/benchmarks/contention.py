@@ -129,27 +129,12 @@ def _work(compiled, members, iterators, seconds: float) -> dict:
 
 def _ready(runner, task: str, data, mode: str, members: int, remat: str):
     """A compiled program of ``task``'s ``mode`` and its first state, ready to train."""
-    import jax
-    import jax.numpy as jnp
-
-    from molf_jax.benchmarks.sweep import _build, _programs
-    from molf_jax.param_roles import split_trainable
-    from molf_jax.train.setup import add_mode_adapters
+    from molf_jax.benchmarks.sweep import _build, _programs, first_state
 
     (program, k), = [(p, k) for p, k in _programs(runner, task, [mode], {mode: members}, data)]
     built, mems, iterators = _build(runner, program, data, k, remat)
     built.compile(dict(data.size.compiler_options))
-    trainables = []
-    for m in mems:
-        _, key = jax.random.split(jax.random.key(m.seed))
-        params, _ = add_mode_adapters(built.config, runner.base_params, key)
-        trainable, frozen = split_trainable(params, built.roles)
-        trainables.append(trainable)
-    trainable = jax.tree.map(lambda *xs: jnp.stack(xs), *trainables)
-    peaks = jnp.asarray([[m.fft_lr, m.lora_lr] for m in mems], jnp.float32)
-    seeds = jnp.asarray([m.seed for m in mems], jnp.int32)
-    state = built.init(trainable, peaks)
-    return {"program": built, "state": (trainable, state, frozen, seeds, peaks)}, mems, iterators
+    return {"program": built, "state": first_state(runner, built, mems)}, mems, iterators
 
 
 def main(argv=None) -> None:

@@ -99,12 +99,12 @@ def trace_summary(trace_dir: str, top: int = 12) -> dict:
     return out
 
 
-def _time_steps(runner, compiled, members, iterators, steps: int,
-                trace_dir: str | None = None) -> dict:
+def first_state(runner, compiled, members):
+    """The members' first state for a compiled `MemberProgram`, as `train_members` makes it:
+    ``(trainable, opt_state, frozen, seeds, peaks)``."""
     import jax
     import jax.numpy as jnp
 
-    from molf_jax.experiments.sweep import _stack_members
     from molf_jax.param_roles import split_trainable
     from molf_jax.train.setup import add_mode_adapters
 
@@ -118,7 +118,17 @@ def _time_steps(runner, compiled, members, iterators, steps: int,
     del trainables
     peaks = jnp.asarray([[m.fft_lr, m.lora_lr] for m in members], jnp.float32)
     seeds = jnp.asarray([m.seed for m in members], jnp.int32)
-    state = compiled.init(trainable, peaks)
+    return trainable, compiled.init(trainable, peaks), frozen, seeds, peaks
+
+
+def _time_steps(runner, compiled, members, iterators, steps: int,
+                trace_dir: str | None = None) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from molf_jax.experiments.sweep import _stack_members
+
+    trainable, state, frozen, seeds, peaks = first_state(runner, compiled, members)
     times = []
     for step in range(steps + 2):
         batch = _stack_members([[next(it)] for it in iterators])
