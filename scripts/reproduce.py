@@ -42,6 +42,10 @@ def main(argv=None) -> None:
     p.add_argument("--compile-nice", type=int, default=0,
                    help="raise the compile threads' nice value by this much (Linux), so they "
                         "yield the CPUs to the thread that feeds the GPU")
+    p.add_argument("--compile-processes", type=int, default=0,
+                   help="compile each program first in one of this many worker processes, "
+                        "which fill JAX's persistent cache (the process that trains then loads "
+                        "it); 0: compile in the threads")
     p.add_argument("--out-dir", default="reproduce_results")
     p.add_argument("--render", action="store_true", help="only print the tables")
     p.add_argument("--collect", action="store_true",
@@ -70,8 +74,9 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "scripts/reproduce.py", *(argv or sys.argv[1:])])
     wall, failed, timings = None, [], {}
     if not args.collect:
-        # The sweep's programs size themselves to the card: JAX must be let take it.
-        print(use_device_memory(), file=sys.stderr)
+        # The sweep's programs size themselves to the card: JAX must be let take it (less
+        # where worker processes compile: their contexts and autotuning need some).
+        print(use_device_memory("0.85" if args.compile_processes else "0.95"), file=sys.stderr)
         import jax
 
         from molf_jax.experiments.plan import Plan
@@ -83,7 +88,8 @@ def main(argv=None) -> None:
         runner = Runner(args.model, out_dir,
                         compute_dtype=args.compute_dtype or ("bfloat16" if gpu else "float32"),
                         remat=("none", "full") if gpu else "none", retention=args.retention,
-                        compile_ahead=args.compile_ahead, compile_nice=args.compile_nice)
+                        compile_ahead=args.compile_ahead, compile_nice=args.compile_nice,
+                        compile_processes=args.compile_processes)
         plan = Plan(tuple(args.tasks), tuple(args.methods), tuple(args.seeds),
                     preset=args.preset, study=args.study)
         runner.run(plan, steps=args.steps)

@@ -165,11 +165,11 @@ def tiny_run(tmp_path_factory):
          "--seeds", "0", "1", "--no-study", "--steps", "2", "--out-dir", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out, done.stdout
+    return out, done.stdout, model
 
 
 def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
-    out, stdout = tiny_run
+    out, stdout, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
     # Every rate of every grid on the first seed, and the base; on the second seed only the
@@ -212,6 +212,35 @@ def test_a_tiny_reproduction_runs_end_to_end(tiny_run):
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--render",
                             "--out-dir", str(out)], capture_output=True, text=True, check=True)
     assert again.stdout.strip() == tables.strip()
+
+
+def test_programs_compiled_in_worker_processes_are_loaded_from_the_cache_to_the_same_rows(
+        tiny_run, tmp_path):
+    """--compile-processes: each program compiles first in a worker process; the runner's own
+    compilations all load from the persistent cache, and every row is the threads' row."""
+    reference, _, model = tiny_run
+    out = tmp_path / "workers"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--model", str(model),
+         "--preset", "smoke", "--tasks", "fact", "--methods", "fft", "lora", "molf",
+         "--seeds", "0", "1", "--no-study", "--steps", "2", "--compile-processes", "1",
+         "--out-dir", str(out)], capture_output=True, text=True, timeout=900,
+        # No cache configured (the suite sets one): the runner keeps its own in OUT.
+        env={k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert any((out / "jax_cache").iterdir())
+    timings = json.loads((out / "results.json").read_text())["timings"]
+    for method in ("fft", "lora", "molf"):
+        assert list(timings["programs"][f"fact__{method}"]["worker_compile_seconds"]) == [
+            f"{3 if method != 'lora' else 2}/none"]
+    assert timings["cache_hits"] >= 6  # init and step of each of the three programs
+    want = {p.name: json.loads(p.read_text()) for p in (reference / "rows").glob("*.json")}
+    got = {p.name: json.loads(p.read_text()) for p in (out / "rows").glob("*.json")}
+    assert sorted(got) == sorted(want)
+    for name, row in want.items():
+        assert got[name]["test_cases"] == row["test_cases"]
+        if "train_loss" in row:
+            assert got[name]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-6)
 
 
 def test_a_program_too_large_for_the_device_runs_in_equal_chunks_with_the_same_rows(tmp_path,

@@ -84,9 +84,14 @@ class Runner:
       compute_dtype: activations of training ('bfloat16' on GPUs; tests use float32).
       retention: score the forgetting probe after every run.
       compile_ahead: programs compiled in threads while another trains.
-      compile_nice: CPU priority of those threads, as ``nice`` (0: the process's; 10: they,
-        and the threads the compiler starts from them, yield the CPUs to the main thread that
-        feeds the GPU). `python scripts/bench_contention.py` measures whether that helps.
+      compile_nice: CPU priority of those threads (and of the worker processes), as ``nice``
+        (0: the process's; 10: they, and the threads the compiler starts from them, yield the
+        CPUs to the main thread that feeds the GPU). `python scripts/bench_contention.py`
+        measures whether that helps.
+      compile_processes: when above 0, each program is first compiled in one of this many
+        worker processes, which fill JAX's persistent compilation cache
+        (`molf_jax.experiments.compile_workers`); the threads then load it from there. The
+        cache is JAX's configured one, else ``OUT/jax_cache``.
       remat: rematerialisation of the layers while training, or candidates in order of
         preference: the first with which a program's members fit is used ('full' trades
         compute for the memory of more members per program), and only when none fits are
@@ -97,6 +102,7 @@ class Runner:
 
     def __init__(self, model: str, out_dir: str | os.PathLike, *, compute_dtype: str,
                  retention: bool = True, compile_ahead: int = 4, compile_nice: int = 0,
+                 compile_processes: int = 0,
                  remat: str | Sequence[str] = "none",
                  reserve_gib: float = 8.0, headroom: float = 0.85):
         from molf_jax import models
@@ -108,6 +114,9 @@ class Runner:
         self.compute_dtype = compute_dtype
         self.retention = retention
         self.compile_ahead, self.compile_nice = compile_ahead, compile_nice
+        self.compile_processes, self._workers = compile_processes, None
+        if compile_processes:
+            self._cache_dir = self._use_compilation_cache()
         self.remats = (remat,) if isinstance(remat, str) else tuple(remat)
         self.reserve_bytes, self.headroom = int(reserve_gib * 2**30), headroom
         started = time.time()
@@ -135,6 +144,24 @@ class Runner:
         self.first_start: float | None = None
         self._clock = time.time()
         self.last_row: float | None = None
+
+    def _use_compilation_cache(self) -> str:
+        """The persistent cache the worker processes fill (before this process compiles
+        anything: JAX decides once whether it uses one), and a count of its hits."""
+        import jax
+
+        from molf_jax.experiments.compile_workers import enable_cache
+
+        cache_dir = jax.config.jax_compilation_cache_dir or str(self.out_dir / "jax_cache")
+        enable_cache(cache_dir)
+        self.cache_hits = 0
+
+        def count(event: str, **_) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                self.cache_hits += 1
+
+        jax.monitoring.register_event_listener(count)
+        return cache_dir
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -214,6 +241,7 @@ class Runner:
         for the base model and scoring), the width is halved.
         """
         from molf_jax.data import pad_token_id
+        from molf_jax.experiments.compile_workers import CompileJob
         from molf_jax.experiments.sweep import (MemberProgram, member_batches,
                                                 member_loss_tokens)
 
@@ -228,6 +256,10 @@ class Runner:
 
         def build(k: int, remat: str):
             if (k, remat) not in built:
+                if self._workers is not None:
+                    self._compile_in_worker(program, CompileJob(
+                        self.model_dir, dataclasses.replace(config, remat=remat), k, total,
+                        shape, budget, tuple(data.size.compiler_options)), f"{k}/{remat}")
                 started = time.time()
                 built[k, remat] = MemberProgram(
                     dataclasses.replace(config, remat=remat), self.source.config,
@@ -257,6 +289,20 @@ class Runner:
         _say(f"[{timing['compiled_at']:.0f} s] {program.name}: compiled for {k} members "
              f"(remat {remat}; {', '.join(f'{s} s' for s in timing['compile_seconds'].values())})")
         return built_program
+
+    def _compile_in_worker(self, program: Program, job, key: str) -> None:
+        """``job`` compiled in a worker process, into the cache this process then reads; a
+        failure there is reported and this process compiles as it would without workers."""
+        from molf_jax.experiments.compile_workers import compile_job
+
+        try:
+            seconds = self._workers.submit(compile_job, job).result()
+        except Exception as error:  # noqa: BLE001 - the thread compiles it itself
+            _say(f"{program.name}: worker compile failed ({type(error).__name__}: "
+                 f"{str(error)[:300]}); compiling here")
+            return
+        timing = self.timings["programs"].setdefault(program.name, {})
+        timing.setdefault("worker_compile_seconds", {})[key] = round(seconds, 1)
 
     def _fits(self, program) -> bool:
         import jax
@@ -405,6 +451,11 @@ class Runner:
         # The timeline (``*_at``: seconds since this point) shows where the GPU waited.
         self._clock = time.time()
         # Programs compile in threads ahead of the one training (XLA compiles on the host).
+        if self.compile_processes:
+            from molf_jax.experiments.compile_workers import worker_pool
+
+            self._workers = worker_pool(self.compile_processes, self._cache_dir,
+                                        nice=self.compile_nice)
         pool = ThreadPoolExecutor(max_workers=self.compile_ahead,
                                   initializer=self._lower_priority)
         futures = {p.name: pool.submit(self.compiled, p, data, steps)
@@ -429,6 +480,10 @@ class Runner:
             for future in futures.values():
                 future.cancel()
             pool.shutdown()
+            if self._workers is not None:
+                self._workers.shutdown(cancel_futures=True)
+                self._workers = None
+                self.timings["cache_hits"] = self.cache_hits
             sys.setswitchinterval(switch)
         return read_rows(self.out_dir)
 
