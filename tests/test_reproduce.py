@@ -222,7 +222,7 @@ def test_programs_compiled_in_worker_processes_are_loaded_from_the_cache_to_the_
     out = tmp_path / "workers"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--model", str(model),
-         "--preset", "smoke", "--tasks", "fact", "--methods", "fft", "lora", "molf",
+         "--preset", "smoke", "--tasks", "fact", "--methods", "fft", "molf",
          "--seeds", "0", "1", "--no-study", "--steps", "2", "--compile-processes", "1",
          "--out-dir", str(out)], capture_output=True, text=True, timeout=900,
         # No cache configured (the suite sets one): the runner keeps its own in OUT.
@@ -230,11 +230,12 @@ def test_programs_compiled_in_worker_processes_are_loaded_from_the_cache_to_the_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert any((out / "jax_cache").iterdir())
     timings = json.loads((out / "results.json").read_text())["timings"]
-    for method in ("fft", "lora", "molf"):
+    for method in ("fft", "molf"):
         assert list(timings["programs"][f"fact__{method}"]["worker_compile_seconds"]) == [
-            f"{3 if method != 'lora' else 2}/none"]
-    assert timings["cache_hits"] >= 6  # init and step of each of the three programs
-    want = {p.name: json.loads(p.read_text()) for p in (reference / "rows").glob("*.json")}
+            "3/none"]
+    assert timings["cache_hits"] >= 4  # init and step of each of the two programs
+    want = {p.name: json.loads(p.read_text()) for p in (reference / "rows").glob("*.json")
+            if "__lora__" not in p.name}
     got = {p.name: json.loads(p.read_text()) for p in (out / "rows").glob("*.json")}
     assert sorted(got) == sorted(want)
     for name, row in want.items():
