@@ -76,3 +76,42 @@ def test_routed_members_log_their_winners_per_step(runs):
     assert (steps, members, experts) == (5, len(MEMBERS), 2) and modules == len(
         result.module_names)
     assert (result.winners.sum(-1) == 1).all()  # top-1: one winner per module and step
+
+
+def test_a_program_loaded_from_its_serialized_executables_compiles_nothing_and_trains_the_same(
+        runs):
+    """What a compile worker hands the runner (`MemberProgram.serialize`) loads into a fresh
+    program without any compilation here, and trains the members exactly as before."""
+    from molf_jax.experiments.sweep import MemberProgram, member_loss_tokens
+    from molf_jax.train import resolve_config
+
+    alone, base, _ = runs
+    config = resolve_config(alone[0][0])
+    examples = [prepare_data(c, base.tokenizer)[0] for c, _ in alone]
+    length, budget = config.max_length, member_loss_tokens(config, examples)
+    args = (config, base.source.config, base.params, len(MEMBERS), 5,
+            (config.grad_accum, config.batch_size, length))
+    jax.config.update("jax_enable_compilation_cache", False)  # as a compile worker does
+    try:
+        compiled = MemberProgram(*args, loss_tokens=budget).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+    serialized = compiled.serialize()
+    compilations = []
+
+    def count(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compilations.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        loaded = MemberProgram(*args, loss_tokens=budget).load(serialized)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compilations == []
+    results = [train_members(config, base.source.config, base.params, examples, list(MEMBERS),
+                             pad_id=pad_token_id(base.tokenizer), lengths=(length,),
+                             program=program) for program in (compiled, loaded)]
+    np.testing.assert_array_equal(results[0].losses, results[1].losses)
+    for a, b in zip(jax.tree.leaves(results[0].trainable), jax.tree.leaves(results[1].trainable)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

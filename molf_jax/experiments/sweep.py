@@ -17,6 +17,7 @@ optimizer (`molf_jax.train.build_optimizer`); tests pin both equalities.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -208,6 +209,32 @@ class MemberProgram:
         init, step = self.lower()
         self.init = init.compile()
         self.step = step.compile(compiler_options=compiler_options or None)
+        return self
+
+    def serialize(self) -> bytes:
+        """The compiled init and step as bytes that `load` takes in another process on the
+        same kind of device and JAX (`jax.experimental.serialize_executable`).
+
+        Compile with JAX's persistent cache off (``jax_enable_compilation_cache``): on the CPU
+        an executable the cache gave back serializes without some of its functions, and the
+        loaded program fails when run (JAX 0.10 and 0.11)."""
+        from jax.experimental.serialize_executable import serialize
+
+        if not isinstance(self.step, jax.stages.Compiled):
+            raise ValueError("serialize a MemberProgram after compile()")
+        return pickle.dumps((serialize(self.init), serialize(self.step)))
+
+    def load(self, serialized: bytes) -> "MemberProgram":
+        """Takes init and step from `serialize`'s bytes instead of compiling them: nothing is
+        traced, lowered or compiled here (returns self). Load only bytes you made: unpickling
+        runs code."""
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        init, step = pickle.loads(serialized)
+        # On the default device, as the jitted functions run (the programs are unsharded).
+        device = jax.devices()[:1]
+        self.init, self.step = (deserialize_and_load(*init, execution_devices=device),
+                                deserialize_and_load(*step, execution_devices=device))
         return self
 
 
