@@ -39,13 +39,14 @@ def main(argv=None) -> None:
                    help="skip the forgetting probe")
     p.add_argument("--compile-ahead", type=int, default=4,
                    help="programs compiled in threads while another trains")
-    p.add_argument("--compile-nice", type=int, default=0,
-                   help="raise the compile threads' nice value by this much (Linux), so they "
-                        "yield the CPUs to the thread that feeds the GPU")
-    p.add_argument("--compile-processes", type=int, default=0,
-                   help="compile each program first in one of this many worker processes, "
-                        "which fill JAX's persistent cache (the process that trains then loads "
-                        "it); 0: compile in the threads")
+    p.add_argument("--compile-nice", type=int, default=None,
+                   help="raise the compile threads' and worker processes' nice value by this "
+                        "much (Linux); default 10 on GPUs, else 0")
+    p.add_argument("--compile-processes", type=int, default=None,
+                   help="compile each program in one of this many worker processes and load "
+                        "its executables in the process that trains, which then traces and "
+                        "compiles nothing (its compile threads only wait and load); 0: the "
+                        "threads compile. Default 2 on GPUs, else 0")
     p.add_argument("--out-dir", default="reproduce_results")
     p.add_argument("--render", action="store_true", help="only print the tables")
     p.add_argument("--collect", action="store_true",
@@ -74,22 +75,28 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "scripts/reproduce.py", *(argv or sys.argv[1:])])
     wall, failed, timings = None, [], {}
     if not args.collect:
-        # The sweep's programs size themselves to the card: JAX must be let take it (less
-        # where worker processes compile: their contexts and autotuning need some).
-        print(use_device_memory("0.85" if args.compile_processes else "0.95"), file=sys.stderr)
+        # The sweep's programs size themselves to the card: JAX must be let take it, less
+        # where worker processes compile (their contexts and autotuning need some: at 0.85
+        # four workers' autotuning ran out of memory on an 80 GB card, docs/reproduction.md).
+        print(use_device_memory("0.95" if args.compile_processes == 0 else "0.7"),
+              file=sys.stderr)
         import jax
 
         from molf_jax.experiments.plan import Plan
         from molf_jax.experiments.runner import Runner
 
         gpu = jax.default_backend() == "gpu"
+        # On a GPU the threads' tracing would hold the GIL that feeds it: compile elsewhere.
+        processes = args.compile_processes if args.compile_processes is not None else (
+            2 if gpu else 0)
+        nice = args.compile_nice if args.compile_nice is not None else (10 if gpu else 0)
         # On a GPU: bf16 activations; each layer is recomputed in the backward pass only
         # where the members would not fit one program otherwise.
         runner = Runner(args.model, out_dir,
                         compute_dtype=args.compute_dtype or ("bfloat16" if gpu else "float32"),
                         remat=("none", "full") if gpu else "none", retention=args.retention,
-                        compile_ahead=args.compile_ahead, compile_nice=args.compile_nice,
-                        compile_processes=args.compile_processes)
+                        compile_ahead=args.compile_ahead, compile_nice=nice,
+                        compile_processes=processes)
         plan = Plan(tuple(args.tasks), tuple(args.methods), tuple(args.seeds),
                     preset=args.preset, study=args.study)
         runner.run(plan, steps=args.steps)

@@ -88,12 +88,12 @@ class Runner:
         (0: the process's; 10: they, and the threads the compiler starts from them, yield the
         CPUs to the main thread that feeds the GPU). `python scripts/bench_contention.py`
         measures whether that helps.
-      compile_processes: when above 0, each program is first compiled in one of this many
-        worker processes, which fill JAX's persistent compilation cache
-        (`molf_jax.experiments.compile_workers`); the threads then load it from there. The
-        cache is JAX's configured one, else ``OUT/jax_cache``. The workers allocate device
-        memory on demand, so leave them some: ``reproduce.py`` lets this process take 0.85 of
-        the GPU instead of 0.95 (`molf_jax.device_memory.use_device_memory`).
+      compile_processes: when above 0, each program is compiled in one of this many worker
+        processes and its executables loaded here (`molf_jax.experiments.compile_workers`):
+        the threads then neither lower nor compile. A program whose worker fails compiles in
+        its thread. The workers allocate device memory on demand, so leave them some:
+        ``reproduce.py`` lets this process take 0.7 of the GPU instead of 0.95
+        (`molf_jax.device_memory.use_device_memory`).
       remat: rematerialisation of the layers while training, or candidates in order of
         preference: the first with which a program's members fit is used ('full' trades
         compute for the memory of more members per program), and only when none fits are
@@ -117,8 +117,6 @@ class Runner:
         self.retention = retention
         self.compile_ahead, self.compile_nice = compile_ahead, compile_nice
         self.compile_processes, self._workers = compile_processes, None
-        if compile_processes:
-            self._cache_dir = self._use_compilation_cache()
         self.remats = (remat,) if isinstance(remat, str) else tuple(remat)
         self.reserve_bytes, self.headroom = int(reserve_gib * 2**30), headroom
         started = time.time()
@@ -146,24 +144,6 @@ class Runner:
         self.first_start: float | None = None
         self._clock = time.time()
         self.last_row: float | None = None
-
-    def _use_compilation_cache(self) -> str:
-        """The persistent cache the worker processes fill (before this process compiles
-        anything: JAX decides once whether it uses one), and a count of its hits."""
-        import jax
-
-        from molf_jax.experiments.compile_workers import enable_cache
-
-        cache_dir = jax.config.jax_compilation_cache_dir or str(self.out_dir / "jax_cache")
-        enable_cache(cache_dir)
-        self.cache_hits = 0
-
-        def count(event: str, **_) -> None:
-            if event == "/jax/compilation_cache/cache_hits":
-                self.cache_hits += 1
-
-        jax.monitoring.register_event_listener(count)
-        return cache_dir
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -258,18 +238,23 @@ class Runner:
 
         def build(k: int, remat: str):
             if (k, remat) not in built:
+                serialized = None
                 if self._workers is not None:
-                    self._compile_in_worker(program, CompileJob(
+                    serialized = self._compile_in_worker(program, CompileJob(
                         self.model_dir, dataclasses.replace(config, remat=remat), k, total,
                         shape, budget, tuple(data.size.compiler_options)), f"{k}/{remat}")
                 started = time.time()
-                built[k, remat] = MemberProgram(
+                member_program = MemberProgram(
                     dataclasses.replace(config, remat=remat), self.source.config,
-                    self.base_params, k, total, shape, loss_tokens=budget).compile(
-                        dict(data.size.compiler_options))
+                    self.base_params, k, total, shape, loss_tokens=budget)
+                built[k, remat] = (member_program.load(serialized) if serialized is not None
+                                   else member_program.compile(dict(data.size.compiler_options)))
                 timing = self.timings["programs"].setdefault(program.name, {})
+                # Seconds in this process: compiling, or loading a worker's executables.
                 timing.setdefault("compile_seconds", {})[f"{k}/{remat}"] = round(
                     time.time() - started, 1)
+                timing.setdefault("compiled_by", {})[f"{k}/{remat}"] = (
+                    "worker" if serialized is not None else "thread")
             return built[k, remat]
 
         k = program_width(program, self._first_seed)
@@ -292,19 +277,20 @@ class Runner:
              f"(remat {remat}; {', '.join(f'{s} s' for s in timing['compile_seconds'].values())})")
         return built_program
 
-    def _compile_in_worker(self, program: Program, job, key: str) -> None:
-        """``job`` compiled in a worker process, into the cache this process then reads; a
-        failure there is reported and this process compiles as it would without workers."""
+    def _compile_in_worker(self, program: Program, job, key: str) -> bytes | None:
+        """``job`` compiled in a worker process: its executables (`MemberProgram.serialize`),
+        or None when the worker failed (reported; the thread then compiles it itself)."""
         from molf_jax.experiments.compile_workers import compile_job
 
         try:
-            seconds = self._workers.submit(compile_job, job).result()
+            seconds, serialized = self._workers.submit(compile_job, job).result()
         except Exception as error:  # noqa: BLE001 - the thread compiles it itself
             _say(f"{program.name}: worker compile failed ({type(error).__name__}: "
                  f"{str(error)[:300]}); compiling here")
-            return
+            return None
         timing = self.timings["programs"].setdefault(program.name, {})
         timing.setdefault("worker_compile_seconds", {})[key] = round(seconds, 1)
+        return serialized
 
     def _fits(self, program) -> bool:
         import jax
@@ -456,8 +442,7 @@ class Runner:
         if self.compile_processes:
             from molf_jax.experiments.compile_workers import worker_pool
 
-            self._workers = worker_pool(self.compile_processes, self._cache_dir,
-                                        nice=self.compile_nice)
+            self._workers = worker_pool(self.compile_processes, nice=self.compile_nice)
         pool = ThreadPoolExecutor(max_workers=self.compile_ahead,
                                   initializer=self._lower_priority)
         futures = {p.name: pool.submit(self.compiled, p, data, steps)
@@ -485,7 +470,6 @@ class Runner:
             if self._workers is not None:
                 self._workers.shutdown(cancel_futures=True)
                 self._workers = None
-                self.timings["cache_hits"] = self.cache_hits
             sys.setswitchinterval(switch)
         return read_rows(self.out_dir)
 
