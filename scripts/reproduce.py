@@ -44,7 +44,7 @@ def main(argv=None) -> None:
                         "much (Linux); default 10 on GPUs, else 0")
     p.add_argument("--compile-processes", type=int, default=None,
                    help="compile each program in one of this many worker processes and load "
-                        "its executables in the process that trains, which then traces and "
+                        "its executables in the process that trains, which then lowers and "
                         "compiles nothing (its compile threads only wait and load); 0: the "
                         "threads compile. Default 2 on GPUs, else 0")
     p.add_argument("--out-dir", default="reproduce_results")

@@ -6,7 +6,7 @@ alone, with the GPU idle in over half the samples (docs/reproduction.md): the th
 process with the one that feeds the GPU (its GIL, its CPUs). A worker process shares neither: it
 builds the same `MemberProgram` from abstract shapes, compiles it and returns the executables
 serialized (`MemberProgram.serialize`); the runner loads them (`MemberProgram.load`) without
-tracing, lowering or compiling anything itself.
+lowering or compiling them itself (building the program object traces only its shapes).
 
 The workers are this machine's own processes started by the runner, so their bytes are trusted
 (loading an executable unpickles it).
